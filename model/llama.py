@@ -1,0 +1,136 @@
+"""A Llama for training: embedding -> blocks (attention, SwiGLU MLP) -> norm -> head.
+
+Parameter names and shapes are those of transformers' `LlamaForCausalLM`, so Hugging Face checkpoints load
+without renaming. No inference cache. No buffers either: rotary tables are computed per call, which keeps the
+model buildable under Colossal-AI's LazyInitContext and gives Gemini no buffers to cast.
+
+The fused ops come from a `Kernels` object resolved once (model/kernels); the model never picks them itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+from .kernels import Kernels, resolve_kernels
+from .kernels.attention import document_ids
+from .kernels.rotary import rotary_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, kernels: Kernels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.kernels = kernels
+
+    def forward(self, x):
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, kernels: Kernels):
+        super().__init__()
+        d, head_dim = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, d, bias=False)
+        self.kernels = kernels
+
+    def forward(self, x, cos, sin, doc_ids):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k = self.kernels.rotary(q, k, cos, sin)
+        out = self.kernels.attention(q, k, v, doc_ids)  # (B, T, H, D)
+        return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig, kernels: Kernels):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.kernels = kernels
+
+    def forward(self, x):
+        return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, kernels: Kernels):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.self_attn = Attention(config, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.mlp = MLP(config, kernels)
+
+    def forward(self, x, cos, sin, doc_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack; named `model` inside LlamaForCausalLM as in Hugging Face checkpoints."""
+
+    def __init__(self, config: LlamaConfig, kernels: Kernels):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids, labels=None, position_ids=None): logits (B, T, V) without labels, else the mean loss.
+
+    Labels are already shifted: labels[b, t] is the target for position t, -100 to ignore (see corpus/).
+    With `document_causal`, position_ids that restart at 0 mark packed documents: attention stays inside each
+    document and rotary positions restart with it. Without it, rows are single causal sequences.
+    """
+
+    def __init__(self, config: LlamaConfig, kernels: Kernels | None = None, *, document_causal: bool = True,
+                 grad_checkpoint: bool = False):
+        super().__init__()
+        self.config = config
+        self.kernels = kernels or resolve_kernels("torch")
+        self.document_causal = document_causal
+        self.grad_checkpoint = grad_checkpoint
+        self.model = LlamaModel(config, self.kernels)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # The initialisation of transformers' Llama: normal(0, initializer_range), norms at one.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def forward(self, input_ids, labels=None, position_ids=None):
+        hidden = self.hidden_states(input_ids, position_ids)
+        if labels is None:
+            return self.lm_head(hidden)
+        return self.kernels.loss(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
+
+    def hidden_states(self, input_ids, position_ids=None):
+        """Final normalised hidden states (B, T, d)."""
+        batch, seq = input_ids.shape
+        doc_ids = None
+        if position_ids is not None and self.document_causal:
+            doc_ids = document_ids(position_ids)
+        else:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        for layer in self.model.layers:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(layer, x, cos, sin, doc_ids, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, doc_ids)
+        return self.model.norm(x)
