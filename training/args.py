@@ -1,0 +1,130 @@
+"""Command-line flags shared by pretrain.py, finetune.py and benchmark.py.
+
+A superset of the Colossal-AI llama example's flags. Flags hold plain values (names, numbers); plugins and
+kernels are resolved from them later. `validate` refuses a flag that the chosen plugin cannot honour instead
+of ignoring it.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "hybrid_parallel", "ddp")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, default_config: str) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("-c", "--config", default=default_config,
+                       help="model size (tiny, 1b, 7b, 13b, 70b) or a Hugging Face config.json / folder")
+    group.add_argument("--kernels", default=None,
+                       help="kernel preset: auto, torch, reference, liger, flash_attn (default: torch)")
+    group.add_argument("--kernel_override", action="append", default=[], metavar="OP=BACKEND",
+                       help="replace one op's backend, e.g. attention=flex (repeatable)")
+    group.add_argument("-a", "--flash_attention", action="store_true",
+                       help="use the fastest fused kernels available (same as --kernels auto)")
+    group.add_argument("--attention_scope", choices=("document", "sequence"), default="document",
+                       help="document: packed documents do not attend to each other; sequence: plain causal rows")
+    group.add_argument("-g", "--grad_checkpoint", action="store_true", help="recompute activations in backward")
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("-p", "--plugin", choices=PLUGINS, default=None,
+                       help="Colossal-AI booster plugin (default: gemini with a GPU, ddp without)")
+    group.add_argument("-x", "--mixed_precision", choices=("bf16", "fp16", "fp32"), default=None,
+                       help="training precision (default: bf16 with a GPU, fp32 without)")
+    group.add_argument("--tp", type=int, default=1, help="tensor parallel size (hybrid_parallel)")
+    group.add_argument("--pp", type=int, default=1, help="pipeline parallel size (hybrid_parallel)")
+    group.add_argument("--zero", type=int, default=0, choices=(0, 1, 2), help="ZeRO stage on top (hybrid_parallel)")
+    group.add_argument("--microbatch_size", type=int, default=1, help="pipeline micro-batch size (hybrid_parallel)")
+    group.add_argument("--offload_optim_frac", type=float, default=0.0, help="optimizer state on CPU (gemini)")
+    group.add_argument("--offload_param_frac", type=float, default=0.0, help="parameters on CPU (gemini)")
+
+
+def add_optimizer_flags(parser: argparse.ArgumentParser, default_lr: float) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--lr", type=float, default=default_lr, help="peak learning rate")
+    group.add_argument("-w", "--weight_decay", type=float, default=0.1)
+    group.add_argument("-s", "--warmup_steps", type=int, default=None,
+                       help="linear warm-up steps, then cosine decay (default: 1%% of the run, at least 10)")
+    group.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
+    group.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("BETA1", "BETA2"))
+    group.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    group.add_argument("--max_bad_steps", type=int, default=5,
+                       help="NaN/inf losses in a row before the run saves and stops")
+
+
+def add_schedule_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("batch and schedule")
+    group.add_argument("-b", "--batch_size", type=int, default=4, help="micro batch per GPU (sequences)")
+    group.add_argument("-l", "--max_length", type=int, default=None,
+                       help="sequence length (default: the config's max_position_embeddings)")
+    group.add_argument("--global_batch_tokens", type=int, default=None,
+                       help="tokens per optimizer step over all GPUs; gradient accumulation is derived from it")
+    group.add_argument("-e", "--num_epochs", type=int, default=1)
+    group.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides epochs when set)")
+    group.add_argument("--seed", type=int, default=42)
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoints and logs")
+    group.add_argument("-o", "--save_dir", default="checkpoints", help="checkpoint folder")
+    group.add_argument("-i", "--save_interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    group.add_argument("--keep_last", type=int, default=3, help="how many step checkpoints to keep")
+    group.add_argument("-f", "--load", default=None, help="resume from a checkpoint folder, or 'latest' in --save_dir")
+    group.add_argument("-t", "--tensorboard_dir", default="runs", help="TensorBoard log folder")
+    group.add_argument("--log_interval", type=int, default=1, help="steps between progress/TensorBoard updates")
+
+
+def add_data_flags(parser: argparse.ArgumentParser, default_dataset: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("-d", "--dataset", default=default_dataset,
+                       help="a local corpus (jsonl, jsonl.zst, parquet, text; RedPajama/SlimPajama/StarCoder "
+                            "layouts), prepared shards, a hub name, or a mixture 'pathA:0.7,pathB:0.3'")
+    group.add_argument("--tokenizer", default="data/sample/tokenizer",
+                       help="a SentencePiece tokenizer.model, an HF tokenizer folder, or a hub name")
+    group.add_argument("--data_cache", default="data/prepared", help="where tokenized shards are written")
+    group.add_argument("--data_workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the hardware-dependent defaults, so the run's full configuration can be logged and saved."""
+    has_gpu = torch.cuda.is_available()
+    if args.plugin is None:
+        args.plugin = "gemini" if has_gpu else "ddp"
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if has_gpu else "fp32"
+    if args.flash_attention:
+        if args.kernels not in (None, "auto"):
+            raise SystemExit(f"error: -a/--flash_attention means --kernels auto, but --kernels {args.kernels} was given")
+        args.kernels = "auto"
+    if args.kernels is None:
+        args.kernels = "torch"
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Stop with one clear line for a flag the chosen plugin or hardware cannot honour."""
+    def fail(message):
+        raise SystemExit(f"error: {message}")
+
+    if args.plugin != "hybrid_parallel":
+        for flag, default in (("tp", 1), ("pp", 1), ("zero", 0), ("microbatch_size", 1)):
+            if getattr(args, flag) != default:
+                fail(f"--{flag} applies to -p hybrid_parallel only, not -p {args.plugin}")
+    if args.plugin != "gemini":
+        for flag in ("offload_optim_frac", "offload_param_frac"):
+            if getattr(args, flag):
+                fail(f"--{flag} applies to -p gemini (static placement) only, not -p {args.plugin}")
+    if args.plugin != "ddp" and not torch.cuda.is_available():
+        fail(f"-p {args.plugin} needs a CUDA GPU; on a CPU use -p ddp")
+    if args.plugin == "ddp" and args.mixed_precision == "fp16":
+        fail("-x fp16 needs loss scaling, which -p ddp does not do here; use -x bf16 or a ZeRO/Gemini plugin")
+    if args.plugin.startswith("gemini") and args.mixed_precision == "fp32":
+        fail(f"-p {args.plugin} trains in fp16 or bf16 only; use -x bf16")
+    for flag in ("batch_size", "num_epochs"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        fail("--max_steps must be at least 1")

@@ -1,0 +1,142 @@
+"""Checkpoints that survive crashes: the booster's sharded model and optimizer, the LR schedule, and the
+running state (step, tokens, data-loader position, every rank's RNG) plus the run's full configuration.
+
+Every rank writes into `save_dir/.incomplete-step-N`; only when all have finished does rank 0 rename it to
+`step-N` and point `latest` at it, so a crash mid-save leaves the previous checkpoint whole. Old step folders
+beyond `keep_last` are removed only after the new one is complete. Assumes a filesystem shared by all nodes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "run_config.json"
+LATEST_FILE = "latest"
+
+
+class CheckpointManager:
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int, rank: int):
+        self.save_dir = Path(save_dir)
+        self.keep_last = keep_last
+        self.rank = rank
+
+    # ---- saving --------------------------------------------------------------------------------
+    def save(self, booster, model, optimizer, scheduler, state: dict, run_config: dict) -> Path:
+        name = f"step-{state['step']:08d}"
+        final, tmp = self.save_dir / name, self.save_dir / f".incomplete-{name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash at this step
+            tmp.mkdir(parents=True)
+        _barrier()
+        booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
+        booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+        _save_rng(tmp / "rng" / f"rank-{self.rank:05d}.pt")
+        if self.rank == 0:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _write_json(tmp / STATE_FILE, state)
+            _write_json(tmp / CONFIG_FILE, run_config)
+        _barrier()
+        if self.rank == 0:
+            self._publish(tmp, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        if final.exists():  # saving a step again (e.g. after a resume): swap, then drop the old copy
+            stale = final.with_name(f".stale-{final.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        _write_text(self.save_dir / LATEST_FILE, final.name)
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.save_dir.glob("step-*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(old)
+
+    # ---- loading -------------------------------------------------------------------------------
+    def resolve(self, load: str) -> Path:
+        """`latest` (in save_dir) or a checkpoint folder; a clear error for anything else."""
+        if load == "latest":
+            pointer = self.save_dir / LATEST_FILE
+            if not pointer.is_file():
+                raise SystemExit(f"error: -f latest: no checkpoint in {self.save_dir} (no '{LATEST_FILE}' file)")
+            path = self.save_dir / pointer.read_text().strip()
+        else:
+            path = Path(load)
+        if not (path / STATE_FILE).is_file():
+            raise SystemExit(f"error: -f {load}: {path} is not a complete checkpoint (no {STATE_FILE})")
+        return path
+
+    def load(self, path: Path, booster, model, optimizer, scheduler) -> dict:
+        booster.load_model(model, str(path / "model"))
+        booster.load_optimizer(optimizer, str(path / "optimizer"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng_file = path / "rng" / f"rank-{self.rank:05d}.pt"
+        if rng_file.is_file():  # absent when resuming on more ranks than saved: those start fresh
+            _load_rng(rng_file)
+        return json.loads((path / STATE_FILE).read_text())
+
+
+def read_run_config(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / CONFIG_FILE).read_text())
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 (cluster preemption); the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+def _save_rng(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, path)
+
+
+def _load_rng(path: Path) -> None:
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_json(path: Path, values: dict) -> None:
+    _write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

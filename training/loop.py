@@ -1,0 +1,272 @@
+"""The training step and loop shared by pretrain.py, finetune.py and benchmark.py.
+
+`Trainer` builds the model under the plugin's init context, boosts it with the optimizer and LR schedule,
+resumes if asked, and runs optimizer steps over a loader of batches (dicts of CPU tensors: input_ids, labels
+already shifted, position_ids). The loader must offer state_dict()/load_state_dict() for exact resume.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model.config import LlamaConfig
+from model.kernels import resolve_kernels
+from model.llama import LlamaForCausalLM
+
+from . import metrics
+from .checkpoint import CheckpointManager, PreemptionFlag
+from .plugins import build_optimizer, build_plugin, clips_inside_optimizer, model_init_context
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs beyond the model and optimizer: saved as JSON in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps_in_row: int = 0
+    data: dict | None = None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    finite: bool
+
+
+def init_distributed(seed: int) -> tuple[int, int]:
+    """Join the process group (NCCL with GPUs, gloo without). A plain `python script.py` runs as one rank."""
+    import colossalai
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    colossalai.launch_from_torch(backend=backend, seed=seed, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def grad_accum_steps(args: argparse.Namespace, seq_len: int, dp_size: int) -> int:
+    """Micro-batches per optimizer step, derived from --global_batch_tokens (never set by hand)."""
+    tokens_per_micro_step = args.batch_size * seq_len * dp_size
+    if args.global_batch_tokens is None:
+        return 1
+    if args.global_batch_tokens % tokens_per_micro_step:
+        raise SystemExit(
+            f"error: --global_batch_tokens {args.global_batch_tokens} is not a multiple of batch x length x GPUs "
+            f"= {args.batch_size} x {seq_len} x {dp_size} = {tokens_per_micro_step}"
+        )
+    return args.global_batch_tokens // tokens_per_micro_step
+
+
+def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Linear warm-up to the peak, then cosine decay to min_ratio of the peak at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, config: LlamaConfig, loader, *, rank: int, world_size: int,
+                 total_steps: int, initial_weights: str | None = None, run_config: dict | None = None):
+        self.args, self.config, self.loader = args, config, loader
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.total_steps = total_steps
+        self.seq_len = args.max_length
+        self.accum = grad_accum_steps(args, self.seq_len, world_size)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.state = RunState()
+        self.run_config = run_config or {}
+        self.checkpoints = CheckpointManager(args.save_dir, args.keep_last, rank)
+        self.preempted = PreemptionFlag()
+        self._build(initial_weights)
+
+    # ---- building ------------------------------------------------------------------------------
+    def _build(self, initial_weights: str | None) -> None:
+        from colossalai.booster import Booster
+
+        args = self.args
+        kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override))
+        self.print(f"model {self.config.name}: {self.config.num_params() / 1e6:,.1f}M parameters; "
+                   f"kernels: {kernels.describe()}; plugin {args.plugin}, {args.mixed_precision}, "
+                   f"{self.world_size} process(es), micro batch {args.batch_size} x {self.seq_len}, "
+                   f"gradient accumulation {self.accum}")
+        with model_init_context(args.plugin):
+            model = LlamaForCausalLM(self.config, kernels, document_causal=args.attention_scope == "document",
+                                     grad_checkpoint=args.grad_checkpoint)
+        if initial_weights is not None and not args.plugin.startswith("gemini"):
+            _load_initial_weights(model, initial_weights)
+        optimizer = build_optimizer(model, args)
+        warmup = args.warmup_steps if args.warmup_steps is not None else max(10, self.total_steps // 100)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(min(warmup, self.total_steps), self.total_steps, args.min_lr_ratio))
+        self.booster = Booster(plugin=build_plugin(args, self.accum))
+        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
+        if initial_weights is not None and args.plugin.startswith("gemini"):
+            self.booster.load_model(self.model, initial_weights)  # Gemini loads into its chunks after boosting
+        self.autocast = _autocast(args, self.device)
+
+    def resume(self, load: str) -> None:
+        path = self.checkpoints.resolve(load)
+        saved = self.checkpoints.load(path, self.booster, self.model, self.optimizer, self.scheduler)
+        self.state = RunState(**saved)
+        if self.state.data is not None:
+            self.loader.load_state_dict(self.state.data)
+        self.print(f"resumed from {path} at step {self.state.step} ({self.state.tokens_seen:,} tokens seen)")
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            sync = i == len(micro_batches) - 1
+            with self._no_sync(sync), self.autocast:
+                loss = self.model(**batch) / len(micro_batches)
+            self.booster.backward(loss, self.optimizer)
+            total += loss.detach()
+        loss_value = self._mean_over_ranks(total)
+        if not math.isfinite(loss_value):
+            self.optimizer.zero_grad()
+            return StepResult(loss_value, None, finite=False)
+        grad_norm = self._clip_and_norm()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return StepResult(loss_value, grad_norm, finite=True)
+
+    def _no_sync(self, sync: bool):
+        # Plain DDP can skip the all-reduce on all but the last micro-batch; ZeRO and Gemini manage their own.
+        if sync or self.args.plugin != "ddp":
+            return nullcontext()
+        return self.booster.no_sync(self.model, self.optimizer)
+
+    def _clip_and_norm(self) -> float | None:
+        if clips_inside_optimizer(self.args.plugin):
+            return None  # reported after the step by the optimizer itself
+        max_norm = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value = value / self.world_size
+        return value.item()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> list[float]:
+        """Run until total_steps (or preemption); returns the losses of the steps run here."""
+        args = self.args
+        throughput = metrics.Throughput(self.config.flops_per_token(self.seq_len), self.world_size,
+                                        warmup_steps=min(2, max(0, self.total_steps - self.state.step - 1)))
+        logger = metrics.Logger(args.tensorboard_dir, self.is_main)
+        tokens_per_step = args.batch_size * self.seq_len * self.world_size * self.accum
+        batches = iter(self.loader)
+        losses = []
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True)
+        try:
+            while self.state.step < self.total_steps:
+                result = self.train_step([next(batches) for _ in range(self.accum)])
+                self.state.step += 1
+                self.state.tokens_seen += tokens_per_step
+                throughput.step_done(tokens_per_step)
+                losses.append(result.loss)
+                if not self._check_finite(result):
+                    self.save()
+                    raise SystemExit(f"error: {self.state.bad_steps_in_row} non-finite losses in a row at step "
+                                     f"{self.state.step}; saved a checkpoint and stopped")
+                self.scheduler.step()
+                if self.state.step % args.log_interval == 0 or self.state.step == self.total_steps:
+                    values = self._log_values(result, throughput)
+                    logger.scalars(values, self.state.step)
+                    bar.set_postfix(metrics.postfix(values), refresh=False)
+                bar.update(1)
+                if self.preempted:
+                    self.print(f"\n{self.preempted.signal_name}: saving at step {self.state.step} and exiting")
+                    self.save()
+                    break
+                if args.save_interval and self.state.step % args.save_interval == 0:
+                    self.save()
+        finally:
+            bar.close()
+            logger.close()
+        self.summary = {**throughput.summary(), "peak_mem_gib": metrics.peak_gpu_mem_gib(),
+                        "host_mem_gib": metrics.host_mem_gib()}
+        return losses
+
+    def _check_finite(self, result: StepResult) -> bool:
+        if result.finite:
+            self.state.bad_steps_in_row = 0
+            return True
+        self.state.bad_steps_in_row += 1
+        if self.is_main:
+            warnings.warn(f"step {self.state.step}: loss is {result.loss}; step skipped "
+                          f"({self.state.bad_steps_in_row} in a row, stopping at {self.args.max_bad_steps})")
+        return self.state.bad_steps_in_row < self.args.max_bad_steps
+
+    def _log_values(self, result: StepResult, throughput: metrics.Throughput) -> dict:
+        grad_norm = result.grad_norm
+        if grad_norm is None and hasattr(self.optimizer, "get_grad_norm"):
+            grad_norm = self.optimizer.get_grad_norm()
+        return {"loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_seen": self.state.tokens_seen, "peak_mem_gib": metrics.peak_gpu_mem_gib(),
+                **throughput.rate()}
+
+    def save(self):
+        self.state.data = self.loader.state_dict()
+        path = self.checkpoints.save(self.booster, self.model, self.optimizer, self.scheduler,
+                                     dataclasses.asdict(self.state), self.run_config)
+        self.print(f"saved {path}")
+        return path
+
+    def print(self, *values) -> None:
+        if self.is_main:
+            print(*values, flush=True)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        op, sep, backend = pair.partition("=")
+        if not sep or not op or not backend:
+            raise SystemExit(f"error: --kernel_override {pair!r}: expected OP=BACKEND, e.g. attention=sdpa")
+        overrides[op] = backend
+    return overrides
+
+
+def _autocast(args, device):
+    # ZeRO and Gemini cast parameters to bf16/fp16 themselves; plain DDP needs autocast for mixed precision.
+    if args.plugin != "ddp" or args.mixed_precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _load_initial_weights(model: torch.nn.Module, folder: str) -> None:
+    from model.hf_io import check_state_dict, load_hf_state_dict
+
+    state = load_hf_state_dict(folder)
+    check_state_dict(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, source=folder)
+    model.load_state_dict(state, strict=False)  # strict=False only for a tied head stored once
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
