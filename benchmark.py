@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     loader = SyntheticLoader(config.vocab_size, args.max_length, args.batch_size, seed=args.seed + rank)
     trainer = Trainer(args, config, loader, rank=rank, world_size=world_size, total_steps=args.max_steps,
                       run_config=run_config(args, config, world_size))
-    trainer.fit()
+    trainer.fit(save_at_end=False)
     summary = trainer.summary
     tokens_per_s = summary.get("tokens_per_s_per_gpu", 0.0)
     result = {

@@ -8,8 +8,8 @@ import argparse
 
 from corpus.tokenizer import load_tokenizer
 from training import args as flags
-from training.data import check_vocab, pretrain_loader
-from training.loop import Trainer
+from training.data import check_vocab, pretrain_loader, steps_per_epoch
+from training.loop import Trainer, grad_accum_steps
 from training.setup import resolve_run, run_config
 
 
@@ -32,17 +32,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --tokenizer {args.tokenizer}: {error}") from None
     check_vocab(tokenizer, config, args.tokenizer)
     loader = pretrain_loader(args, tokenizer, rank, world_size)
-    total_steps = args.max_steps or args.num_epochs * max(1, loader.steps_per_epoch())
+    accum = grad_accum_steps(args, args.max_length, world_size)
+    total_steps = args.max_steps or args.num_epochs * steps_per_epoch(loader, world_size, accum)
     trainer = Trainer(args, config, loader, rank=rank, world_size=world_size, total_steps=total_steps,
                       run_config=run_config(args, config, world_size, tokenizer=tokenizer.source))
     if args.load:
         trainer.resume(args.load)
     losses = trainer.fit()
-    if trainer.state.step >= total_steps and not trainer.preempted:
-        trainer.save()
-    if losses:
-        trainer.print(f"done: step {trainer.state.step}, first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}, "
-                      f"{trainer.state.tokens_seen:,} tokens seen; {trainer.summary}")
+    trainer.report(losses)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ import torch
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "hybrid_parallel", "ddp")
 
 
-def add_model_flags(parser: argparse.ArgumentParser, default_config: str) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """default_config None: the entry point takes the config from its weights (finetune.py), so no -c flag."""
     group = parser.add_argument_group("model")
-    group.add_argument("-c", "--config", default=default_config,
-                       help="model size (tiny, 1b, 7b, 13b, 70b) or a Hugging Face config.json / folder")
+    if default_config is not None:
+        group.add_argument("-c", "--config", default=default_config,
+                           help="model size (tiny, 1b, 7b, 13b, 70b) or a Hugging Face config.json / folder")
     group.add_argument("--kernels", default=None,
                        help="kernel preset: auto, torch, reference, liger, flash_attn (default: torch)")
     group.add_argument("--kernel_override", action="append", default=[], metavar="OP=BACKEND",
@@ -72,7 +74,9 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-o", "--save_dir", default="checkpoints", help="checkpoint folder")
     group.add_argument("-i", "--save_interval", type=int, default=0, help="save every N steps (0: only at the end)")
     group.add_argument("--keep_last", type=int, default=3, help="how many step checkpoints to keep")
-    group.add_argument("-f", "--load", default=None, help="resume from a checkpoint folder, or 'latest' in --save_dir")
+    group.add_argument("-f", "--load", default=None, help="resume from a checkpoint folder, 'latest' in --save_dir, or 'auto' (latest if any, else start fresh)")
+    group.add_argument("--stop_after", type=int, default=None,
+                       help="save and stop after this many steps in this launch (fits a job's time limit)")
     group.add_argument("-t", "--tensorboard_dir", default="runs", help="TensorBoard log folder")
     group.add_argument("--log_interval", type=int, default=1, help="steps between progress/TensorBoard updates")
 
@@ -82,10 +86,24 @@ def add_data_flags(parser: argparse.ArgumentParser, default_dataset: str) -> Non
     group.add_argument("-d", "--dataset", default=default_dataset,
                        help="a local corpus (jsonl, jsonl.zst, parquet, text; RedPajama/SlimPajama/StarCoder "
                             "layouts), prepared shards, a hub name, or a mixture 'pathA:0.7,pathB:0.3'")
-    group.add_argument("--tokenizer", default="data/sample/tokenizer",
-                       help="a SentencePiece tokenizer.model, an HF tokenizer folder, or a hub name")
+    add_tokenizer_flag(group, default="data/sample/tokenizer")
     group.add_argument("--data_cache", default="data/prepared", help="where tokenized shards are written")
     group.add_argument("--data_workers", type=int, default=None, help="tokenizer processes (default: CPU count)")
+
+
+def add_tokenizer_flag(group, default: str | None) -> None:
+    group.add_argument("--tokenizer", default=default,
+                       help="a SentencePiece tokenizer.model, an HF tokenizer folder, or a hub name")
+
+
+def add_finetune_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("-d", "--dataset", required=True, nargs="+",
+                       help="instruction jsonl (instruction/input/output) or chat jsonl (messages) files")
+    add_tokenizer_flag(group, default=None)
+    group.add_argument("--no_pack", action="store_true", help="one example per row instead of packing several")
+    group.add_argument("--on_bad_line", choices=("skip", "error"), default="skip",
+                       help="a malformed JSON line is skipped and counted, or stops the run")
 
 
 def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:

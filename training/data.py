@@ -38,6 +38,11 @@ def pretrain_loader(args: argparse.Namespace, tokenizer, rank: int, world_size: 
                           world_size=world_size, seed=args.seed)
 
 
+def steps_per_epoch(loader, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over the corpus (over the sum of the sources for a mixture)."""
+    return max(1, loader.samples_per_epoch // (loader.batch_size * world_size * grad_accum))
+
+
 class SyntheticLoader:
     """Random tokens in the loop's batch format (plain causal rows), for throughput measurements."""
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from model.config import LlamaConfig
 from model.kernels import resolve_kernels
+from model.kernels.loss import IGNORE_INDEX
 from model.llama import LlamaForCausalLM
 
 from . import metrics
@@ -117,11 +118,16 @@ class Trainer:
         self.booster = Booster(plugin=build_plugin(args, self.accum))
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
         if initial_weights is not None and args.plugin.startswith("gemini"):
-            self.booster.load_model(self.model, initial_weights)  # Gemini loads into its chunks after boosting
+            # Gemini loads into its chunks after boosting; colossalai takes a sharded folder or a single file
+            single = os.path.join(initial_weights, "model.safetensors")
+            self.booster.load_model(self.model, single if os.path.isfile(single) else initial_weights)
         self.autocast = _autocast(args, self.device)
 
     def resume(self, load: str) -> None:
         path = self.checkpoints.resolve(load)
+        if path is None:
+            self.print(f"-f {load}: no checkpoint in {self.checkpoints.save_dir} yet; starting from scratch")
+            return
         saved = self.checkpoints.load(path, self.booster, self.model, self.optimizer, self.scheduler)
         self.state = RunState(**saved)
         if self.state.data is not None:
@@ -130,16 +136,24 @@ class Trainer:
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """One optimizer step over this rank's micro-batches.
+
+        The loss is the mean over every labelled token of the step on all ranks, not a mean of per-rank means:
+        ranks (and finetuning rows) hold different numbers of labels, and each must weigh by its tokens. The
+        plugins average gradients over ranks, hence the factor world_size.
+        """
         self.model.train()
+        labelled = [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches]
+        step_labelled = self._sum_over_ranks(torch.tensor(float(sum(labelled)), device=self.device)).item()
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             sync = i == len(micro_batches) - 1
             with self._no_sync(sync), self.autocast:
-                loss = self.model(**batch) / len(micro_batches)
-            self.booster.backward(loss, self.optimizer)
-            total += loss.detach()
-        loss_value = self._mean_over_ranks(total)
+                loss_sum = self.model(**batch) * labelled[i]
+            self.booster.backward(loss_sum * (self.world_size / step_labelled), self.optimizer)
+            total += loss_sum.detach()
+        loss_value = self._sum_over_ranks(total).item() / step_labelled
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
             return StepResult(loss_value, None, finite=False)
@@ -160,15 +174,14 @@ class Trainer:
         max_norm = self.args.grad_clip if self.args.grad_clip > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value = value / self.world_size
-        return value.item()
+        return value
 
     # ---- the loop ------------------------------------------------------------------------------
-    def fit(self) -> list[float]:
-        """Run until total_steps (or preemption); returns the losses of the steps run here."""
+    def fit(self, save_at_end: bool = True) -> list[float]:
+        """Run until total_steps, preemption or --stop_after; returns the losses of the steps run here."""
         args = self.args
         throughput = metrics.Throughput(self.config.flops_per_token(self.seq_len), self.world_size,
                                         warmup_steps=min(2, max(0, self.total_steps - self.state.step - 1)))
@@ -185,28 +198,36 @@ class Trainer:
                 self.state.tokens_seen += tokens_per_step
                 throughput.step_done(tokens_per_step)
                 losses.append(result.loss)
+                self.scheduler.step()  # the schedule follows the data: a skipped step still consumed its batches
                 if not self._check_finite(result):
                     self.save()
                     raise SystemExit(f"error: {self.state.bad_steps_in_row} non-finite losses in a row at step "
                                      f"{self.state.step}; saved a checkpoint and stopped")
-                self.scheduler.step()
                 if self.state.step % args.log_interval == 0 or self.state.step == self.total_steps:
                     values = self._log_values(result, throughput)
                     logger.scalars(values, self.state.step)
                     bar.set_postfix(metrics.postfix(values), refresh=False)
                 bar.update(1)
-                if self.preempted:
-                    self.print(f"\n{self.preempted.signal_name}: saving at step {self.state.step} and exiting")
-                    self.save()
+                if self._save_or_stop(steps_run=len(losses), save_at_end=save_at_end):
                     break
-                if args.save_interval and self.state.step % args.save_interval == 0:
-                    self.save()
         finally:
             bar.close()
             logger.close()
         self.summary = {**throughput.summary(), "peak_mem_gib": metrics.peak_gpu_mem_gib(),
                         "host_mem_gib": metrics.host_mem_gib()}
         return losses
+
+    def _save_or_stop(self, steps_run: int, save_at_end: bool) -> bool:
+        """Save when due; True when this launch should stop (finished, preempted, or --stop_after reached)."""
+        args, step = self.args, self.state.step
+        finished = step >= self.total_steps
+        stop = finished or bool(self.preempted) or (args.stop_after is not None and steps_run >= args.stop_after)
+        if self.preempted:
+            self.print(f"\n{self.preempted.signal_name}: saving at step {step} and exiting")
+        due = bool(args.save_interval) and step % args.save_interval == 0
+        if due or (stop and (save_at_end or not finished)):
+            self.save()
+        return stop
 
     def _check_finite(self, result: StepResult) -> bool:
         if result.finite:
@@ -230,9 +251,25 @@ class Trainer:
     def save(self):
         self.state.data = self.loader.state_dict()
         path = self.checkpoints.save(self.booster, self.model, self.optimizer, self.scheduler,
-                                     dataclasses.asdict(self.state), self.run_config)
-        self.print(f"saved {path}")
+                                     dataclasses.asdict(self.state), self.run_config, self.config)
+        self.print(f"\nsaved {path}")
         return path
+
+    def report(self, losses: list[float]) -> None:
+        """One closing line: how far the loss fell and how fast the run went."""
+        if not losses:
+            return
+        first, last, summary = losses[0], losses[-1], self.summary
+        parts = [f"done: step {self.state.step}/{self.total_steps}",
+                 f"loss {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%})",
+                 f"{self.state.tokens_seen:,} tokens seen"]
+        if "tokens_per_s_per_gpu" in summary:
+            parts.append(f"{summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU")
+        if "mfu" in summary:
+            parts.append(f"MFU {summary['mfu']:.1%}")
+        if summary.get("peak_mem_gib"):
+            parts.append(f"peak GPU memory {summary['peak_mem_gib']:.1f} GiB")
+        self.print("; ".join(parts))
 
     def print(self, *values) -> None:
         if self.is_main:

@@ -13,9 +13,14 @@ from . import args as flags
 from .loop import init_distributed
 
 
-def resolve_run(parser: argparse.ArgumentParser, argv=None):
-    """Parsed and validated flags, the model config and this process's (rank, world size)."""
+def resolve_run(parser: argparse.ArgumentParser, argv=None, config_from=None):
+    """Parsed and validated flags, the model config and this process's (rank, world size).
+
+    `config_from(args)` supplies the config spec for entry points without -c (finetune: the weights' folder).
+    """
     args = flags.apply_defaults(parser.parse_args(argv))
+    if config_from is not None:
+        args.config = config_from(args)
     flags.validate(args)
     try:
         config = LlamaConfig.from_name(args.config)

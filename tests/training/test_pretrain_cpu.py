@@ -1,0 +1,114 @@
+"""pretrain.py end to end on the CPU: ddp over gloo, several processes, exact resume, clear errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from corpus.sample import build_sample
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["-c", "tiny", "-p", "ddp", "-b", "2", "-l", "64", "--lr", "1e-3", "-s", "2", "--log_interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A small corpus and tokenizer built by the suite itself (shared by the tests of this file)."""
+    return build_sample(tmp_path_factory.mktemp("sample"), vocab_size=512, target_mb=0.3)
+
+
+def pretrain(sample, workdir: Path, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
+    args = [*TINY, "-d", str(sample.corpus_dir), "--tokenizer", str(sample.tokenizer_dir),
+            "--data_cache", str(workdir / "prepared"), "-o", str(workdir / "ckpt"), "-t", str(workdir / "tb"),
+            "--data_workers", "1", *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*launcher, "pretrain.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def logged_losses(tb_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses = {}
+    for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
+    return [losses[step] for step in sorted(losses)]
+
+
+def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    latest = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    state = {}
+    for shard in sorted((latest / "model").glob("*.safetensors")):
+        state.update(load_file(shard))
+    assert state, f"no weights in {latest}"
+    return state
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_like_one_with_their_global_batch(sample, tmp_path):
+    """2 ranks x batch 2 see the same global batches as 1 rank x batch 4: same losses, same weights."""
+    ok(pretrain(sample, tmp_path / "two", "--max_steps", "6", nproc=2))
+    ok(pretrain(sample, tmp_path / "one", "--max_steps", "6", "-b", "4"))
+    two, one = logged_losses(tmp_path / "two" / "tb"), logged_losses(tmp_path / "one" / "tb")
+    assert len(two) == len(one) == 6
+    assert two[-1] < two[0]
+    # the loss is the mean over the global batch, however it is split: equal up to float rounding
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-4)
+    for name, weight in final_weights(tmp_path / "one" / "ckpt").items():
+        torch.testing.assert_close(final_weights(tmp_path / "two" / "ckpt")[name], weight, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(sample, tmp_path):
+    """20 steps straight equal 10 steps, a checkpoint, a new launch resuming, and 10 more: bit for bit."""
+    ok(pretrain(sample, tmp_path / "straight", "--max_steps", "20", nproc=2))
+    ok(pretrain(sample, tmp_path / "split", "--max_steps", "20", "-i", "10", "--stop_after", "10", nproc=2))
+    ok(pretrain(sample, tmp_path / "split", "--max_steps", "20", "-f", "latest", nproc=2))
+    assert logged_losses(tmp_path / "split" / "tb") == logged_losses(tmp_path / "straight" / "tb")
+    straight, split = final_weights(tmp_path / "straight" / "ckpt"), final_weights(tmp_path / "split" / "ckpt")
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+
+
+def last_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr[-2000:]
+    return lines[-1]
+
+
+def test_unknown_config_is_one_clear_line(sample, tmp_path):
+    line = last_error_line(pretrain(sample, tmp_path, "-c", "tinyy"))
+    assert "-c tinyy" in line and "unknown model config" in line
+
+
+def test_missing_corpus_is_one_clear_line(sample, tmp_path):
+    line = last_error_line(pretrain(sample, tmp_path, "-d", str(tmp_path / "no-such-corpus")))
+    assert "no-such-corpus" in line
+
+
+def test_tokenizer_larger_than_vocab_is_one_clear_line(sample, tmp_path):
+    line = last_error_line(pretrain(sample, tmp_path, "--max_steps", "1", "-c", str(small_vocab_config(tmp_path))))
+    assert str(sample.tokenizer_dir) in line and "more than the model config" in line
+
+
+def small_vocab_config(tmp_path: Path) -> Path:
+    import dataclasses
+
+    from model.config import CONFIGS
+
+    folder = tmp_path / "small-vocab"
+    dataclasses.replace(CONFIGS["tiny"], vocab_size=100).save_hf(folder)
+    return folder
