@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# 7B, sequence 4096, on one H100 80GB: ZeRO-2 with optimizer state in CPU memory.
+# Extra flags pass through, e.g. --max_steps 50 or -b 4. Set HOSTFILE=hostfiles/<file> to span several nodes.
+cd "$(dirname "$0")/../.." || exit 1
+exec colossalai run --nproc_per_node 1 ${HOSTFILE:+--hostfile "$HOSTFILE"} benchmark.py -c 7b -l 4096 -x bf16 --kernels auto -p zero2_cpu -b 1 -g "$@"
