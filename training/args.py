@@ -32,8 +32,9 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None)
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("parallelism")
-    group.add_argument("-p", "--plugin", choices=PLUGINS, default=None,
-                       help="Colossal-AI booster plugin (default: gemini with a GPU, ddp without)")
+    group.add_argument("-p", "--plugin", choices=(*PLUGINS, "auto"), default=None,
+                       help="Colossal-AI booster plugin; auto: the memory planner picks plugin, micro batch and "
+                            "recomputation for these GPUs (default: gemini with a GPU, ddp without)")
     group.add_argument("-x", "--mixed_precision", choices=("bf16", "fp16", "fp32"), default=None,
                        help="training precision (default: bf16 with a GPU, fp32 without)")
     group.add_argument("--tp", type=int, default=1, help="tensor parallel size (hybrid_parallel)")
@@ -59,7 +60,8 @@ def add_optimizer_flags(parser: argparse.ArgumentParser, default_lr: float) -> N
 
 def add_schedule_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("batch and schedule")
-    group.add_argument("-b", "--batch_size", type=int, default=4, help="micro batch per GPU (sequences)")
+    group.add_argument("-b", "--batch_size", type=int, default=None,
+                       help="micro batch per GPU in sequences (default 4; with -p auto, the planner's choice)")
     group.add_argument("-l", "--max_length", type=int, default=None,
                        help="sequence length (default: the config's max_position_embeddings)")
     group.add_argument("--global_batch_tokens", type=int, default=None,
@@ -119,6 +121,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.kernels = "auto"
     if args.kernels is None:
         args.kernels = "torch"
+    if args.batch_size is None and args.plugin != "auto":
+        args.batch_size = 4
     return args
 
 
@@ -126,6 +130,9 @@ def validate(args: argparse.Namespace) -> None:
     """Stop with one clear line for a flag the chosen plugin or hardware cannot honour."""
     def fail(message):
         raise SystemExit(f"error: {message}")
+
+    if args.plugin == "auto":
+        return  # checked again once the planner has chosen
 
     if args.plugin != "hybrid_parallel":
         for flag, default in (("tp", 1), ("pp", 1), ("zero", 0), ("microbatch_size", 1)):

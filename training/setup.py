@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import platform
 
 import torch
@@ -29,7 +30,45 @@ def resolve_run(parser: argparse.ArgumentParser, argv=None, config_from=None):
     if args.max_length is None:
         args.max_length = config.max_position_embeddings
     rank, world_size = init_distributed(args.seed)
+    if args.plugin == "auto":
+        plan_automatically(args, config, world_size, rank)
+        flags.validate(args)
     return args, config, rank, world_size
+
+
+# What the suite can build today; the planner also knows hybrid_parallel, which needs its policy first.
+AUTO_PLUGINS = ("zero2", "gemini", "gemini_auto", "zero2_cpu")
+
+
+def plan_automatically(args: argparse.Namespace, config: LlamaConfig, world_size: int, rank: int) -> None:
+    """-p auto: let the memory planner choose the plugin, micro batch and recomputation, and say why."""
+    from .planner import DoesNotFit, kernel_memory_flags, recommend
+
+    if not torch.cuda.is_available():
+        args.plugin = "ddp"
+        args.batch_size = args.batch_size or 4
+        _print_on(rank, "-p auto: no GPU, so -p ddp")
+        return
+    import psutil
+
+    try:
+        plan = recommend(
+            config, n_gpus=world_size, gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+            seq_len=args.max_length, global_batch_tokens=args.global_batch_tokens,
+            gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+            host_mem_gib=psutil.virtual_memory().total / 2**30, plugins=AUTO_PLUGINS, micro_batch=args.batch_size,
+            grad_checkpoint=True if args.grad_checkpoint else None,
+            **kernel_memory_flags(args.kernels, args.attention_scope))
+    except DoesNotFit as error:
+        raise SystemExit(f"error: -p auto: {error}") from None
+    args.plugin, args.batch_size, args.grad_checkpoint = plan.plugin, plan.micro_batch, plan.grad_checkpoint
+    args.offload_optim_frac = plan.offload_optim_frac
+    _print_on(rank, f"-p auto chose {' '.join(plan.flags())}: {plan.reason}")
+
+
+def _print_on(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
 
 
 def run_config(args: argparse.Namespace, config: LlamaConfig, world_size: int, **extra) -> dict:
