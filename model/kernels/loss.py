@@ -3,9 +3,18 @@
 Taking (hidden, weight) rather than logits lets a fused backend never hold the full (N, vocab) logits.
 Labels are already shifted (labels[i] is the target for position i); -100 is ignored. The loss is the mean
 over the labelled tokens of the micro-batch.
+
+Backends:
+  torch       the reference: full logits, float32 cross-entropy.
+  liger       liger-kernel's fused linear + cross-entropy: logits in chunks, gradients computed in the forward,
+              never the full logits. Weight gradient accumulated in float32.
+  liger_ce    full logits, liger-kernel's Triton cross-entropy (no float32 copy of the logits).
+  flash_attn  full logits, flash-attn's Triton cross-entropy.
 """
 import torch
 import torch.nn.functional as F
+
+from .hookable import hookable
 
 IGNORE_INDEX = -100
 
@@ -16,4 +25,38 @@ def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, label
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
-BACKENDS = {"torch": linear_cross_entropy_torch}
+@hookable
+def linear_cross_entropy_liger(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(
+        hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="mean", accum_dtype=torch.float32
+    )
+
+
+@hookable
+def linear_cross_entropy_liger_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    return liger_cross_entropy(F.linear(hidden, weight), labels, ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+@hookable
+def linear_cross_entropy_flash_attn(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    losses, _ = cross_entropy_loss(F.linear(hidden, weight), labels, ignore_index=IGNORE_INDEX)  # (N,), 0 if ignored
+    return losses.sum() / (labels != IGNORE_INDEX).sum()
+
+
+BACKENDS = {
+    "torch": linear_cross_entropy_torch,
+    "liger": linear_cross_entropy_liger,
+    "liger_ce": linear_cross_entropy_liger_ce,
+    "flash_attn": linear_cross_entropy_flash_attn,
+}
+REQUIRES = {
+    "liger": ("liger_kernel", "triton"),
+    "liger_ce": ("liger_kernel", "triton"),
+    "flash_attn": ("flash_attn", "triton"),
+}

@@ -1,5 +1,11 @@
-"""Rotary position embedding on (B, T, H, D) queries and keys, the rotate-half form of HF Llama."""
+"""Rotary position embedding on (B, T, H, D) queries and keys, the rotate-half form of HF Llama.
+
+Backends: `torch` (the reference, float32), `liger` (liger-kernel's Triton RoPE; it rotates q and k in place, which
+is safe here because nothing else reads the projections' outputs), `flash_attn` (flash-attn's Triton rotary).
+"""
 import torch
+
+from .hookable import hookable
 
 
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,4 +32,30 @@ def rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
-BACKENDS = {"torch": rotary_torch}
+@hookable
+def rotary_liger(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    # Liger takes q/k as (B, H, T, D) views of (B, T, H, D) storage and per-row (B, T, D) tables; it reads the
+    # first half of each table row, which ours duplicate. The float32 tables keep the rotation in float32.
+    q, k = LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+@hookable
+def rotary_flash_attn(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    from flash_attn.layers.rotary import apply_rotary_emb
+
+    batch, seq, _, head_dim = q.shape
+    # flash-attn's tables are (positions, D/2) shared by the batch. Laid end to end as one sequence of B*T tokens,
+    # each token gets its own table row, so per-row positions (restarting with packed documents) carry over.
+    # flash-attn wants the tables in the activations' dtype.
+    cos = cos.reshape(batch * seq, head_dim)[:, : head_dim // 2].to(q.dtype).contiguous()  # (B*T, D/2)
+    sin = sin.reshape(batch * seq, head_dim)[:, : head_dim // 2].to(q.dtype).contiguous()
+    q_out = apply_rotary_emb(q.reshape(1, batch * seq, q.shape[2], head_dim), cos, sin)
+    k_out = apply_rotary_emb(k.reshape(1, batch * seq, k.shape[2], head_dim), cos, sin)
+    return q_out.view(q.shape), k_out.view(k.shape)
+
+
+BACKENDS = {"torch": rotary_torch, "liger": rotary_liger, "flash_attn": rotary_flash_attn}
+REQUIRES = {"liger": ("liger_kernel", "triton"), "flash_attn": ("flash_attn", "triton")}
