@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # GPU validation of the suite, one stage per call, logs under $OUT (default runs/validate):
-#   bash scripts/validate_gpu.sh tests       GPU tests + the demo pretraining run with the default plugin (gemini)
+#   bash scripts/validate_gpu.sh tests       the GPU tests (python3 -m pytest -m gpu)
+#   bash scripts/validate_gpu.sh demo        the demo run with the default plugin (gemini); -p auto for the 1b shape
 #   bash scripts/validate_gpu.sh plugins     1b shape, sample corpus: 50 steps per plugin, saved at 25 and resumed
+#                                            (PLUGINS="zero2 gemini" picks some; default all but hybrid_parallel)
 #   bash scripts/validate_gpu.sh bench       benchmark.py JSON lines: 1b at sequence 2048, zero2 and gemini, presets
 #   bash scripts/validate_gpu.sh two_gpu     the plugins and bench stages for gemini and zero2 on every GPU present
 # Extra arguments go to every pretrain.py/benchmark.py call. On the project's offline GPU hosts, source
 # .whl/gpu-env.sh first (../shared/device/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: validate_gpu.sh tests|plugins|bench|two_gpu [extra flags]}
+stage=${1:?usage: validate_gpu.sh tests|demo|plugins|bench|two_gpu [extra flags]}
 shift
 OUT=${OUT:-runs/validate}
 PY=${PYTHON:-python3}
@@ -48,13 +50,17 @@ bench() { # name, nproc, flags...
 case $stage in
 tests)
     run gpu-tests $PY -m pytest -m gpu -q tests
+    ;;
+demo)
+    run auto-1b torchrun --standalone --nproc_per_node 1 benchmark.py -c 1b -l 2048 -p auto --kernels auto --max_steps 10
     run demo-gemini $PY pretrain.py -c tiny "${SAMPLE[@]}" -b 8 -l 256 --lr 2e-3 --max_steps 200 --log_interval 10 \
         -o "$WORK/demo" -t "$OUT/tb-demo" "$@"
     ;;
 plugins)
-    for plugin in zero2 gemini gemini_auto zero2_cpu ddp; do
+    for plugin in ${PLUGINS:-zero2 gemini gemini_auto zero2_cpu ddp}; do
         pretrain_and_resume "$plugin" 1 "$@"
     done
+    [ -d "$WORK/ckpt-gemini-1" ] || exit 0
     run export $PY export_hf.py "$WORK/ckpt-gemini-1" "$WORK/hf-gemini" --dtype float32
     run export-parity $PY - "$WORK/hf-gemini" <<'EOF'
 import sys, torch, transformers
@@ -72,7 +78,7 @@ assert diff < 1e-3
 EOF
     ;;
 bench)
-    for preset in torch liger auto; do
+    for preset in ${PRESETS:-torch liger auto}; do
         for plugin in zero2 gemini; do
             bench "$plugin-$preset" 1 -p "$plugin" -b 8 --kernels "$preset" "$@"
         done
