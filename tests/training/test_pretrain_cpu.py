@@ -20,14 +20,27 @@ def sample(tmp_path_factory):
     return build_sample(tmp_path_factory.mktemp("sample"), vocab_size=512, target_mb=0.3)
 
 
-def pretrain(sample, workdir: Path, *extra, nproc: int = 1) -> subprocess.CompletedProcess:
+def pretrain(sample, workdir: Path, *extra, nproc: int = 1, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     args = [*TINY, "-d", str(sample.corpus_dir), "--tokenizer", str(sample.tokenizer_dir),
             "--data_cache", str(workdir / "prepared"), "-o", str(workdir / "ckpt"), "-t", str(workdir / "tb"),
             "--data_workers", "1", *extra]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if launcher == "torchrun":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:  # the colossalai console script beside this interpreter; it starts `torchrun` found on PATH
+        launcher = [str(Path(sys.executable).parent / "colossalai"), "run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run([*launcher, "pretrain.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -67,6 +80,13 @@ def test_two_processes_train_together_like_one_with_their_global_batch(sample, t
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-4)
     for name, weight in final_weights(tmp_path / "one" / "ckpt").items():
         torch.testing.assert_close(final_weights(tmp_path / "two" / "ckpt")[name], weight, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_colossalai_run_launches_pretraining(sample, tmp_path):
+    result = ok(pretrain(sample, tmp_path, "--max_steps", "3", nproc=2, launcher="colossalai"))
+    assert "2 process(es)" in result.stdout and "done: step 3/3" in result.stdout
+    assert len(logged_losses(tmp_path / "tb")) == 3
 
 
 @pytest.mark.slow
