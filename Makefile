@@ -14,7 +14,7 @@ sample: setup
 
 demo: sample
 	$(PY) pretrain.py -c tiny -d $(SAMPLE)/corpus --tokenizer $(SAMPLE)/tokenizer \
-		-b 8 -l 256 --lr 2e-3 --max_steps 200 --log_interval 10 \
+		-b 8 -l 256 --lr 2e-3 --max_steps 200 --log_interval 10 --eval_interval 25 \
 		-o checkpoints/demo -t runs/demo
 
 test: setup

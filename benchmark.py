@@ -13,6 +13,7 @@ import torch
 from training import args as flags
 from training.data import SyntheticLoader
 from training.loop import Trainer
+from training.plugins import data_parallel_rank
 from training.setup import resolve_run, run_config
 
 
@@ -29,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args, config, rank, world_size = resolve_run(parser(), argv)
-    loader = SyntheticLoader(config.vocab_size, args.max_length, args.batch_size, seed=args.seed + rank)
+    data_rank, _ = data_parallel_rank(args, rank, world_size)  # hybrid_parallel: one stream per model replica
+    loader = SyntheticLoader(config.vocab_size, args.max_length, args.batch_size, seed=args.seed + data_rank)
     trainer = Trainer(args, config, loader, rank=rank, world_size=world_size, total_steps=args.max_steps,
                       run_config=run_config(args, config, world_size))
     trainer.fit(save_at_end=False)

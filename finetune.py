@@ -15,6 +15,8 @@ from training import args as flags
 from training.checkpoint import model_folder, read_run_config
 from training.data import check_vocab, steps_per_epoch
 from training.loop import Trainer, grad_accum_steps
+from training.plots import plot_at_end
+from training.plugins import data_parallel_rank
 from training.setup import resolve_run, run_config
 
 
@@ -24,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     flags.add_model_flags(p, default_config=None)
     flags.add_parallel_flags(p)
     flags.add_finetune_data_flags(p)
+    flags.add_eval_flags(p, eval_dataset=False, unit="the examples (a fixed pick)")
     flags.add_schedule_flags(p)
     flags.add_optimizer_flags(p, default_lr=2e-5)
     flags.add_output_flags(p)
@@ -58,19 +61,24 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: --tokenizer {tokenizer_spec}: {error}") from None
     check_vocab(tokenizer, config, tokenizer_spec)
-    loader = SFTLoader(args.dataset, tokenizer, seq_len=args.max_length, batch_size=args.batch_size, rank=rank,
-                       world_size=world_size, seed=args.seed, pack=not args.no_pack, on_bad_line=args.on_bad_line)
-    accum = grad_accum_steps(args, args.max_length, world_size)
-    total_steps = args.max_steps or args.num_epochs * steps_per_epoch(loader, world_size, accum)
+    data_rank, data_ranks = data_parallel_rank(args, rank, world_size)  # hybrid_parallel: one per model replica
+    loader = SFTLoader(args.dataset, tokenizer, seq_len=args.max_length, batch_size=args.batch_size, rank=data_rank,
+                       world_size=data_ranks, seed=args.seed, pack=not args.no_pack, on_bad_line=args.on_bad_line,
+                       held_out=args.eval_fraction)
+    validation = loader.validation(args.eval_tokens or None) if args.eval_interval else None
+    accum = grad_accum_steps(args, args.max_length, data_ranks)
+    total_steps = args.max_steps or args.num_epochs * steps_per_epoch(loader, data_ranks, accum)
     trainer = Trainer(args, config, loader, rank=rank, world_size=world_size, total_steps=total_steps,
                       initial_weights=None if args.load else str(weights),
                       run_config=run_config(args, config, world_size, tokenizer=tokenizer.source,
-                                            initial_weights=str(weights), data_stats=loader.stats))
+                                            initial_weights=str(weights), data_stats=loader.stats),
+                      validation=validation)
     trainer.print(f"finetuning data: {loader.stats}")
     if args.load:
         trainer.resume(args.load)
     losses = trainer.fit()
     trainer.report(losses)
+    plot_at_end(args.tensorboard_dir, trainer.is_main, trainer.print)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pp", type=int, default=1, help="pipeline parallel size (hybrid_parallel)")
     group.add_argument("--zero", type=int, default=0, choices=(0, 1, 2), help="ZeRO stage on top (hybrid_parallel)")
     group.add_argument("--microbatch_size", type=int, default=1, help="pipeline micro-batch size (hybrid_parallel)")
+    group.add_argument("--pp_style", choices=("1f1b", "interleaved"), default="1f1b",
+                       help="pipeline schedule (hybrid_parallel, --pp 2 or more)")
+    group.add_argument("--num_model_chunks", type=int, default=1,
+                       help="model chunks per pipeline stage (--pp_style interleaved: 2 or more)")
+    group.add_argument("--pp_layers", type=int, nargs="+", default=None, metavar="N",
+                       help="decoder layers of each pipeline stage, stages x chunks counts in the order the model "
+                            "runs them (default: an even split)")
+    group.add_argument("--sequence_parallel", choices=("split_gather", "ring"), default=None,
+                       help="split activations along the sequence over the tensor-parallel ranks (hybrid_parallel)")
     group.add_argument("--offload_optim_frac", type=float, default=0.0, help="optimizer state on CPU (gemini)")
     group.add_argument("--offload_param_frac", type=float, default=0.0, help="parameters on CPU (gemini)")
 
@@ -76,11 +85,55 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-o", "--save_dir", default="checkpoints", help="checkpoint folder")
     group.add_argument("-i", "--save_interval", type=int, default=0, help="save every N steps (0: only at the end)")
     group.add_argument("--keep_last", type=int, default=3, help="how many step checkpoints to keep")
-    group.add_argument("-f", "--load", default=None, help="resume from a checkpoint folder, 'latest' in --save_dir, or 'auto' (latest if any, else start fresh)")
+    group.add_argument("-f", "--load", default=None,
+                       help="resume from a checkpoint folder, 'latest' or 'best' in --save_dir, or 'auto' (latest "
+                            "if any, else start fresh)")
     group.add_argument("--stop_after", type=int, default=None,
                        help="save and stop after this many steps in this launch (fits a job's time limit)")
     group.add_argument("-t", "--tensorboard_dir", default="runs", help="TensorBoard log folder")
     group.add_argument("--log_interval", type=int, default=1, help="steps between progress/TensorBoard updates")
+
+
+def add_eval_flags(parser: argparse.ArgumentParser, *, eval_dataset: bool, unit: str) -> None:
+    """Validation during training (pretrain.py, finetune.py); `unit` names what a held-out fraction is of."""
+    group = parser.add_argument_group("validation")
+    group.add_argument("--eval_interval", type=int, default=0,
+                       help="validate every N steps and before every checkpoint, and keep the best checkpoint "
+                            "(0: no validation)")
+    group.add_argument("--eval_tokens", type=int, default=2**20,
+                       help="tokens per source read by each validation (0: the whole validation split)")
+    group.add_argument("--eval_fraction", type=float, default=None,
+                       help=f"fraction of {unit} held out of training for validation (default: "
+                            f"{DEFAULT_EVAL_FRACTION} with --eval_interval, else 0)")
+    if eval_dataset:
+        group.add_argument("--eval_dataset", default=None,
+                           help="validate on this corpus instead of a held-out fraction, e.g. SlimPajama's "
+                                "validation/ folder (read with the run's tokenizer)")
+
+
+DEFAULT_EVAL_FRACTION = 0.01
+
+
+def _eval_defaults(args: argparse.Namespace) -> None:
+    if args.eval_fraction is None:
+        from_training_data = args.eval_interval and not getattr(args, "eval_dataset", None)
+        args.eval_fraction = DEFAULT_EVAL_FRACTION if from_training_data else 0.0
+
+
+def _validate_eval(args: argparse.Namespace, fail) -> None:
+    eval_dataset = getattr(args, "eval_dataset", None)
+    if args.eval_interval < 0 or args.eval_tokens < 0:
+        fail("--eval_interval and --eval_tokens must be 0 or more")
+    if not 0 <= args.eval_fraction < 1:
+        fail(f"--eval_fraction {args.eval_fraction} must be a fraction in [0, 1)")
+    if eval_dataset and not args.eval_interval:
+        fail("--eval_dataset is read only when validating: add --eval_interval N")
+    if eval_dataset and args.eval_fraction:
+        fail("--eval_fraction holds training data out for validation, but --eval_dataset replaces it; "
+             "give one of them")
+    if args.eval_interval and not eval_dataset and not args.eval_fraction:
+        fail("--eval_interval needs validation data: --eval_fraction above 0"
+             + (" or --eval_dataset" if hasattr(args, "eval_dataset") else ""))
 
 
 def add_data_flags(parser: argparse.ArgumentParser, default_dataset: str) -> None:
@@ -123,6 +176,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.kernels = "torch"
     if args.batch_size is None and args.plugin != "auto":
         args.batch_size = 4
+    if hasattr(args, "eval_interval"):
+        _eval_defaults(args)
     return args
 
 
@@ -135,7 +190,8 @@ def validate(args: argparse.Namespace) -> None:
         return  # checked again once the planner has chosen
 
     if args.plugin != "hybrid_parallel":
-        for flag, default in (("tp", 1), ("pp", 1), ("zero", 0), ("microbatch_size", 1)):
+        for flag, default in (("tp", 1), ("pp", 1), ("zero", 0), ("microbatch_size", 1), ("pp_style", "1f1b"),
+                              ("num_model_chunks", 1), ("pp_layers", None), ("sequence_parallel", None)):
             if getattr(args, flag) != default:
                 fail(f"--{flag} applies to -p hybrid_parallel only, not -p {args.plugin}")
     if args.plugin != "gemini":
@@ -153,3 +209,5 @@ def validate(args: argparse.Namespace) -> None:
             fail(f"--{flag} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
         fail("--max_steps must be at least 1")
+    if hasattr(args, "eval_interval"):
+        _validate_eval(args, fail)

@@ -4,6 +4,9 @@ running state (step, tokens, data-loader position, every rank's RNG) plus the ru
 Every rank writes into `save_dir/.incomplete-step-N`; only when all have finished does rank 0 rename it to
 `step-N` and point `latest` at it, so a crash mid-save leaves the previous checkpoint whole. Old step folders
 beyond `keep_last` are removed only after the new one is complete. Assumes a filesystem shared by all nodes.
+
+A checkpoint saved right after validation records its validation loss (`val_loss` in state.json); `best` names
+the one with the lowest, and pruning never removes it, so the best checkpoint is kept beside the last K.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch.distributed as dist
 STATE_FILE = "state.json"
 CONFIG_FILE = "run_config.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best"
 
 
 class CheckpointManager:
@@ -50,6 +54,8 @@ class CheckpointManager:
         _barrier()
         if self.rank == 0:
             self._publish(tmp, final)
+            if state.get("val_loss") is not None:
+                self._update_best(final, state["val_loss"])
             self._prune()
         _barrier()
         return final
@@ -67,21 +73,36 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.save_dir.glob("step-*") if p.is_dir())
+        best = self.best()
         for old in steps[: max(0, len(steps) - self.keep_last)]:
-            shutil.rmtree(old)
+            if old != best:
+                shutil.rmtree(old)
+
+    # ---- the best checkpoint by validation loss ---------------------------------------------------
+    def best(self) -> Path | None:
+        """The checkpoint that `best` names, while it exists."""
+        pointer = self.save_dir / BEST_FILE
+        path = self.save_dir / pointer.read_text().strip() if pointer.is_file() else None
+        return path if path is not None and (path / STATE_FILE).is_file() else None
+
+    def _update_best(self, final: Path, val_loss: float) -> None:
+        best = self.best()
+        best_loss = json.loads((best / STATE_FILE).read_text()).get("val_loss") if best is not None else None
+        if best_loss is None or val_loss < best_loss or best == final:
+            _write_text(self.save_dir / BEST_FILE, final.name)
 
     # ---- loading -------------------------------------------------------------------------------
     def resolve(self, load: str) -> Path | None:
-        """`latest` (in save_dir) or a checkpoint folder; a clear error for anything else.
+        """`latest` or `best` (in save_dir) or a checkpoint folder; a clear error for anything else.
 
         `auto` is `latest` when save_dir has a checkpoint and None otherwise, for jobs that resubmit themselves.
         """
         if load == "auto":
             return self.resolve("latest") if (self.save_dir / LATEST_FILE).is_file() else None
-        if load == "latest":
-            pointer = self.save_dir / LATEST_FILE
+        if load in (LATEST_FILE, BEST_FILE):
+            pointer = self.save_dir / load
             if not pointer.is_file():
-                raise SystemExit(f"error: -f latest: no checkpoint in {self.save_dir} (no '{LATEST_FILE}' file)")
+                raise SystemExit(f"error: -f {load}: no checkpoint in {self.save_dir} (no '{load}' file)")
             path = self.save_dir / pointer.read_text().strip()
         else:
             path = Path(load)
@@ -101,12 +122,15 @@ class CheckpointManager:
 
 
 def model_folder(spec: str | os.PathLike) -> Path:
-    """The HF-layout weights folder of a suite checkpoint (`step-N`, or a save_dir: its latest), or spec itself.
+    """The HF-layout weights folder of a suite checkpoint (`step-N`; a save_dir: its latest; its `latest` or `best`
+    pointer file), or spec itself.
 
     A suite checkpoint's `model/` holds safetensors shards with HF names plus config.json, so an HF Llama
     folder and a suite checkpoint load the same way from here on.
     """
     path = Path(spec)
+    if path.is_file() and path.name in (LATEST_FILE, BEST_FILE):
+        path = path.parent / path.read_text().strip()
     if (path / LATEST_FILE).is_file():
         path = path / (path / LATEST_FILE).read_text().strip()
     if (path / "model" / "config.json").is_file():

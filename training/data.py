@@ -19,23 +19,57 @@ def check_vocab(tokenizer, config, tokenizer_flag: str) -> None:
 
 
 def pretrain_loader(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
-    from corpus.errors import DataError
     from corpus.loader import PretrainLoader
+
+    prepared = prepared_on_rank0(args.dataset, "-d", args, tokenizer)
+    return PretrainLoader(prepared, seq_len=args.max_length, batch_size=args.batch_size, rank=rank,
+                          world_size=world_size, seed=args.seed, held_out=getattr(args, "eval_fraction", 0.0))
+
+
+def prepared_on_rank0(spec: str, flag: str, args: argparse.Namespace, tokenizer):
+    """The PreparedDataset of a data spec, tokenized by rank 0 while the others wait; errors name `flag`.
+
+    Rank 0 of all processes: the loaders' `rank` is the data-parallel one, which model-parallel ranks share.
+    """
+    from corpus.errors import DataError
     from corpus.prepare import prepare_dataset
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
     prepared, error = None, None
     if rank == 0:
         try:
-            prepared = prepare_dataset(args.dataset, tokenizer, args.data_cache, workers=args.data_workers)
+            prepared = prepare_dataset(spec, tokenizer, args.data_cache, workers=args.data_workers)
         except (DataError, FileNotFoundError) as e:
             error = e
     _barrier()
     if error is not None:  # rank 0 names the problem once; the others stop with it
-        raise SystemExit(f"error: -d {args.dataset}: {error}")
+        raise SystemExit(f"error: {flag} {spec}: {error}")
     if rank != 0:
-        prepared = prepare_dataset(args.dataset, tokenizer, args.data_cache, workers=1, progress=False)
-    return PretrainLoader(prepared, seq_len=args.max_length, batch_size=args.batch_size, rank=rank,
-                          world_size=world_size, seed=args.seed)
+        prepared = prepare_dataset(spec, tokenizer, args.data_cache, workers=1, progress=False)
+    return prepared
+
+
+def held_out_reader(spec: str, flag: str, held_out: float, args: argparse.Namespace, tokenizer, rank: int,
+                    world_size: int):
+    """A validation reader over the held-out part of a corpus (held_out=1: all of it), --eval_tokens per source."""
+    from corpus.errors import DataError
+    from corpus.loader import HeldOutReader
+
+    prepared = prepared_on_rank0(spec, flag, args, tokenizer)
+    try:
+        return HeldOutReader(prepared, seq_len=args.max_length, batch_size=args.batch_size, rank=rank,
+                             world_size=world_size, held_out=held_out, max_tokens=args.eval_tokens or None)
+    except DataError as error:
+        raise SystemExit(f"error: {flag} {spec}: {error}") from None
+
+
+def validation_reader(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
+    """pretrain.py's validation data: --eval_dataset whole, else the held-out --eval_fraction of -d; or None."""
+    if not args.eval_interval:
+        return None
+    if args.eval_dataset:
+        return held_out_reader(args.eval_dataset, "--eval_dataset", 1.0, args, tokenizer, rank, world_size)
+    return held_out_reader(args.dataset, "-d", args.eval_fraction, args, tokenizer, rank, world_size)
 
 
 def steps_per_epoch(loader, world_size: int, grad_accum: int) -> int:

@@ -3,6 +3,8 @@
 `Trainer` builds the model under the plugin's init context, boosts it with the optimizer and LR schedule,
 resumes if asked, and runs optimizer steps over a loader of batches (dicts of CPU tensors: input_ids, labels
 already shifted, position_ids). The loader must offer state_dict()/load_state_dict() for exact resume.
+With a validation reader (corpus.loader.HeldOutReader, corpus.sft.SFTHeldOut), it validates every
+--eval_interval steps and before every checkpoint (training/evaluate.py).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from model.llama import LlamaForCausalLM
 
 from . import metrics
 from .checkpoint import CheckpointManager, PreemptionFlag
-from .plugins import build_optimizer, build_plugin, clips_inside_optimizer, model_init_context
+from .plugins import (build_optimizer, build_plugin, builds_lazily, clips_inside_optimizer, data_parallel_rank,
+                      model_init_context)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class RunState:
     tokens_seen: int = 0
     bad_steps_in_row: int = 0
     data: dict | None = None
+    val_loss: float | None = None  # measured at this step (None when not): what `best` compares
 
 
 @dataclass
@@ -83,18 +87,28 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
 
 class Trainer:
     def __init__(self, args: argparse.Namespace, config: LlamaConfig, loader, *, rank: int, world_size: int,
-                 total_steps: int, initial_weights: str | None = None, run_config: dict | None = None):
+                 total_steps: int, initial_weights: str | None = None, run_config: dict | None = None,
+                 validation=None):
         self.args, self.config, self.loader = args, config, loader
+        self.validation = validation
+        self.eval_interval = args.eval_interval if validation is not None else 0
+        self.validations: list[tuple[int, float]] = []  # (step, validation loss) of this launch
+        self._logger, self._val_postfix = None, {}
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.total_steps = total_steps
         self.seq_len = args.max_length
-        self.accum = grad_accum_steps(args, self.seq_len, world_size)
+        # hybrid_parallel: the tensor and pipeline ranks of one model replica share its batches
+        self.data_ranks = data_parallel_rank(args, rank, world_size)[1]
+        self.accum = grad_accum_steps(args, self.seq_len, self.data_ranks)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.state = RunState()
         self.run_config = run_config or {}
         self.checkpoints = CheckpointManager(args.save_dir, args.keep_last, rank)
         self.preempted = PreemptionFlag()
         self._build(initial_weights)
+        if validation is not None and self.pipelined:
+            raise SystemExit("error: --eval_interval: validation runs a plain forward, which a pipeline (--pp > 1) "
+                             "does not have yet; validate with eval.py on a checkpoint under another plugin")
 
     # ---- building ------------------------------------------------------------------------------
     def _build(self, initial_weights: str | None) -> None:
@@ -106,21 +120,20 @@ class Trainer:
                    f"kernels: {kernels.describe()}; plugin {args.plugin}, {args.mixed_precision}, "
                    f"{self.world_size} process(es), micro batch {args.batch_size} x {self.seq_len}, "
                    f"gradient accumulation {self.accum}")
-        with model_init_context(args.plugin):
-            model = LlamaForCausalLM(self.config, kernels, document_causal=args.attention_scope == "document",
-                                     grad_checkpoint=args.grad_checkpoint)
-        if initial_weights is not None and not args.plugin.startswith("gemini"):
-            _load_initial_weights(model, initial_weights)
+        model = build_model(args, self.config, kernels)
+        if initial_weights is not None:
+            load_weights(None, model, initial_weights, args.plugin, boosted=False)
         optimizer = build_optimizer(model, args)
         warmup = args.warmup_steps if args.warmup_steps is not None else max(10, self.total_steps // 100)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(min(warmup, self.total_steps), self.total_steps, args.min_lr_ratio))
         self.booster = Booster(plugin=build_plugin(args, self.accum))
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
-        if initial_weights is not None and args.plugin.startswith("gemini"):
-            # Gemini loads into its chunks after boosting; colossalai takes a sharded folder or a single file
-            single = os.path.join(initial_weights, "model.safetensors")
-            self.booster.load_model(self.model, single if os.path.isfile(single) else initial_weights)
+        hybrid = args.plugin == "hybrid_parallel"
+        self.dp_group = self.booster.plugin.dp_group if hybrid else None  # None: all ranks
+        self.pipelined = hybrid and args.pp > 1
+        if initial_weights is not None:
+            load_weights(self.booster, self.model, initial_weights, args.plugin, boosted=True)
         self.autocast = _autocast(args, self.device)
 
     def resume(self, load: str) -> None:
@@ -140,19 +153,22 @@ class Trainer:
 
         The loss is the mean over every labelled token of the step on all ranks, not a mean of per-rank means:
         ranks (and finetuning rows) hold different numbers of labels, and each must weigh by its tokens. The
-        plugins average gradients over ranks, hence the factor world_size.
+        plugins average gradients over the data-parallel ranks, hence the factor data_ranks.
         """
         self.model.train()
         labelled = [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches]
         step_labelled = self._sum_over_ranks(torch.tensor(float(sum(labelled)), device=self.device)).item()
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            sync = i == len(micro_batches) - 1
-            with self._no_sync(sync), self.autocast:
-                loss_sum = self.model(**batch) * labelled[i]
-            self.booster.backward(loss_sum * (self.world_size / step_labelled), self.optimizer)
-            total += loss_sum.detach()
+        if self.pipelined:
+            total = self._pipeline_forward_backward(micro_batches, self.data_ranks / step_labelled)
+        else:
+            total = torch.zeros((), device=self.device)
+            for i, batch in enumerate(micro_batches):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                sync = i == len(micro_batches) - 1
+                with self._no_sync(sync), self.autocast:
+                    loss_sum = self.model(**batch) * labelled[i]
+                self.booster.backward(loss_sum * (self.data_ranks / step_labelled), self.optimizer)
+                total += loss_sum.detach()
         loss_value = self._sum_over_ranks(total).item() / step_labelled
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
@@ -161,6 +177,27 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad()
         return StepResult(loss_value, grad_norm, finite=True)
+
+    def _pipeline_forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
+        """Forward and backward of the step's rows through the pipeline (hybrid_parallel, --pp > 1): one batch,
+        which colossalai's schedule splits into --microbatch_size micro-batches. Returns the summed token losses,
+        on every rank (only the last stage computes them).
+
+        The schedule divides each micro-batch's criterion by their number; the criterion weighs each micro-batch's
+        mean loss by its labelled tokens, as train_step weighs the loader's batches.
+        """
+        batch = {k: torch.cat([b[k] for b in micro_batches]).to(self.device) for k in micro_batches[0]}
+        num_micro_batches = batch["labels"].shape[0] // self.args.microbatch_size
+        total = torch.zeros((), device=self.device)
+
+        def token_weighted(loss, micro_batch):
+            tokens = (micro_batch["labels"] != IGNORE_INDEX).sum()
+            total.add_(loss.detach() * tokens)
+            return loss * tokens * (scale * num_micro_batches)
+
+        self.booster.execute_pipeline(iter([batch]), self.model, token_weighted, self.optimizer, return_loss=False)
+        dist.all_reduce(total, group=self.booster.plugin.pp_group)  # from the last stage to all (zero elsewhere)
+        return total
 
     def _no_sync(self, sync: bool):
         # Plain DDP can skip the all-reduce on all but the last micro-batch; ZeRO and Gemini manage their own.
@@ -175,8 +212,10 @@ class Trainer:
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        """Sum over the data-parallel ranks: all of them, but for hybrid_parallel's model-parallel ranks, which
+        hold copies of their replica's values."""
+        if self.data_ranks > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.dp_group)
         return value
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -185,8 +224,9 @@ class Trainer:
         args = self.args
         throughput = metrics.Throughput(self.config.flops_per_token(self.seq_len), self.world_size,
                                         warmup_steps=min(2, max(0, self.total_steps - self.state.step - 1)))
-        logger = metrics.Logger(args.tensorboard_dir, self.is_main)
-        tokens_per_step = args.batch_size * self.seq_len * self.world_size * self.accum
+        logger = self._logger = metrics.Logger(args.tensorboard_dir, self.is_main)
+        self._val_postfix = {}
+        tokens_per_step = args.batch_size * self.seq_len * self.data_ranks * self.accum
         batches = iter(self.loader)
         losses = []
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.is_main, desc="train",
@@ -195,6 +235,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 result = self.train_step([next(batches) for _ in range(self.accum)])
                 self.state.step += 1
+                self.state.val_loss = None
                 self.state.tokens_seen += tokens_per_step
                 throughput.step_done(tokens_per_step)
                 losses.append(result.loss)
@@ -206,8 +247,10 @@ class Trainer:
                 if self.state.step % args.log_interval == 0 or self.state.step == self.total_steps:
                     values = self._log_values(result, throughput)
                     logger.scalars(values, self.state.step)
-                    bar.set_postfix(metrics.postfix(values), refresh=False)
+                    bar.set_postfix({**metrics.postfix(values), **self._val_postfix}, refresh=False)
                 bar.update(1)
+                if self.eval_interval and self.state.step % self.eval_interval == 0:
+                    self.validate()
                 if self._save_or_stop(steps_run=len(losses), save_at_end=save_at_end):
                     break
         finally:
@@ -226,8 +269,24 @@ class Trainer:
             self.print(f"\n{self.preempted.signal_name}: saving at step {step} and exiting")
         due = bool(args.save_interval) and step % args.save_interval == 0
         if due or (stop and (save_at_end or not finished)):
+            if self.validation is not None and self.state.val_loss is None and not self.preempted:
+                self.validate()  # every checkpoint records its validation loss, so that `best` can be kept
             self.save()
         return stop
+
+    def validate(self) -> dict:
+        """Validation loss and perplexity per source over all ranks: printed, logged, kept in the state."""
+        from .evaluate import evaluate, scalars, summary
+
+        result = evaluate(self.model, self.validation, device=self.device, autocast=self.autocast,
+                          world_size=self.world_size)
+        self.state.val_loss = result["loss"]
+        self.validations.append((self.state.step, result["loss"]))
+        if self._logger is not None:
+            self._logger.scalars(scalars(result), self.state.step)
+        self._val_postfix = {"val": f"{result['loss']:.4f}"}
+        self.print(f"\nstep {self.state.step}: validation {summary(result)}")
+        return result
 
     def _check_finite(self, result: StepResult) -> bool:
         if result.finite:
@@ -263,6 +322,10 @@ class Trainer:
         parts = [f"done: step {self.state.step}/{self.total_steps}",
                  f"loss {first:.4f} -> {last:.4f} ({(last - first) / first:+.0%})",
                  f"{self.state.tokens_seen:,} tokens seen"]
+        if self.validations:
+            first_val, last_val = self.validations[0][1], self.validations[-1][1]
+            parts.append(f"validation loss {first_val:.4f} -> {last_val:.4f} (steps {self.validations[0][0]} -> "
+                         f"{self.validations[-1][0]})")
         if "tokens_per_s_per_gpu" in summary:
             parts.append(f"{summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU")
         if "mfu" in summary:
@@ -291,6 +354,28 @@ def _autocast(args, device):
     if args.plugin != "ddp" or args.mixed_precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def build_model(args: argparse.Namespace, config: LlamaConfig, kernels) -> LlamaForCausalLM:
+    """The model, built under the plugin's init context (lazily for Gemini)."""
+    with model_init_context(args.plugin):
+        return LlamaForCausalLM(config, kernels, document_causal=args.attention_scope == "document",
+                                grad_checkpoint=args.grad_checkpoint)
+
+
+def load_weights(booster, model: torch.nn.Module, folder: str, plugin: str, *, boosted: bool) -> None:
+    """Load HF-layout weights: call before boosting (boosted=False) and after (boosted=True); one of them loads.
+
+    The plugins that build lazily (Gemini, hybrid_parallel) load into their shards after boosting, the other
+    plugins into the plain module before.
+    """
+    if builds_lazily(plugin) != boosted:
+        return
+    if not boosted:
+        _load_initial_weights(model, folder)
+        return
+    single = os.path.join(folder, "model.safetensors")  # colossalai takes a sharded folder or a single file
+    booster.load_model(model, single if os.path.isfile(single) else folder)
 
 
 def _load_initial_weights(model: torch.nn.Module, folder: str) -> None:

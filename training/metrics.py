@@ -14,6 +14,7 @@ TAGS = {  # TensorBoard tag names, shared with the planner's run summary
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
     "tokens_per_s_per_gpu": "train/tokens_per_s_per_gpu", "mfu": "train/mfu",
     "peak_mem_gib": "train/peak_mem_gib", "tokens_seen": "train/tokens_seen",
+    "val_loss": "val/loss", "val_ppl": "val/ppl",  # per source: val/<source>/loss, val/<source>/ppl
 }
 
 
