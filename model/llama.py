@@ -41,8 +41,9 @@ class Attention(nn.Module):
         self.kernels = kernels
 
     def forward(self, x, cos, sin, doc_ids):
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
+        q = self.q_proj(x)
+        batch, seq = q.shape[:2]  # not x's: under sequence parallelism x holds a slice of the sequence
+        q = q.view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = self.kernels.rotary(q, k, cos, sin)
@@ -101,6 +102,7 @@ class LlamaForCausalLM(nn.Module):
         self.kernels = kernels or resolve_kernels("torch")
         self.document_causal = document_causal
         self.grad_checkpoint = grad_checkpoint
+        self.pipeline_stage = None  # set by model/policy.py when this process runs one stage of a pipeline
         self.model = LlamaModel(config, self.kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -112,14 +114,23 @@ class LlamaForCausalLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
-    def forward(self, input_ids, labels=None, position_ids=None):
-        hidden = self.hidden_states(input_ids, position_ids)
+    def forward(self, input_ids, labels=None, position_ids=None, hidden_states=None, stage_index=None):
+        # stage_index: colossalai's interleaved pipeline schedule passes the running chunk's layer range, which
+        # pipeline_stage.layers() already gives
+        hidden = self.hidden_states(input_ids, position_ids, hidden_states)
+        if self.pipeline_stage is not None and not self.pipeline_stage.is_last():
+            return {"hidden_states": hidden}  # what the pipeline schedule sends to the next stage
         if labels is None:
             return self.lm_head(hidden)
         return self.kernels.loss(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
 
-    def hidden_states(self, input_ids, position_ids=None):
-        """Final normalised hidden states (B, T, d)."""
+    def hidden_states(self, input_ids, position_ids=None, inputs=None):
+        """Final normalised hidden states (B, T, d).
+
+        Under pipeline parallelism, this stage's part of the way: a stage after the first starts from the previous
+        stage's output `inputs`, runs only its own layers, and only the last stage applies the final norm.
+        """
+        stage = self.pipeline_stage
         batch, seq = input_ids.shape
         doc_ids = None
         if position_ids is not None and self.document_causal:
@@ -127,10 +138,10 @@ class LlamaForCausalLM(nn.Module):
         else:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta)
-        x = self.model.embed_tokens(input_ids)  # (B, T, d)
-        for layer in self.model.layers:
+        x = self.model.embed_tokens(input_ids) if stage is None or stage.is_first() else inputs  # (B, T, d)
+        for layer in self.model.layers if stage is None else self.model.layers[stage.layers()]:
             if self.grad_checkpoint and self.training:
                 x = checkpoint(layer, x, cos, sin, doc_ids, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, doc_ids)
-        return self.model.norm(x)
+        return self.model.norm(x) if stage is None or stage.is_last() else x

@@ -30,19 +30,101 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
             **(options if placement == "static" else {}),
         )
     if args.plugin == "hybrid_parallel":
-        raise SystemExit(
-            "error: -p hybrid_parallel needs a shardformer policy for the suite's model, which is not written yet "
-            "(colossalai's own Llama policy does not import on transformers 5); use gemini or zero2 for now"
-        )
+        return _hybrid_parallel_plugin(args, grad_accum_steps)
     raise SystemExit(f"error: unknown plugin {args.plugin}")
 
 
+def _hybrid_parallel_plugin(args: argparse.Namespace, grad_accum_steps: int):
+    """Tensor (--tp), pipeline (--pp) and sequence parallelism with ZeRO (--zero) over the data-parallel rest, for
+    the suite's Llama through model/policy.py. With --pp > 1 the loop runs each optimizer step's rows (micro batch
+    x gradient accumulation) as one pipeline batch of --microbatch_size micro-batches."""
+    import torch.distributed as dist
+    from colossalai.booster.plugin import HybridParallelPlugin
+
+    from model.policy import LlamaPolicy
+
+    _check_hybrid_parallel(args, dist.get_world_size(), grad_accum_steps)
+    pipeline = dict(pp_style=args.pp_style, num_model_chunks=args.num_model_chunks,
+                    microbatch_size=args.microbatch_size) if args.pp > 1 else {}
+    sequence = dict(enable_sequence_parallelism=True,
+                    sequence_parallelism_mode=args.sequence_parallel) if args.sequence_parallel else {}
+    return HybridParallelPlugin(
+        tp_size=args.tp, pp_size=args.pp, zero_stage=args.zero, precision=args.mixed_precision,
+        initial_scale=FP16_INITIAL_SCALE, max_norm=args.grad_clip, custom_policy=LlamaPolicy(args.pp_layers),
+        **pipeline, **sequence,
+    )
+
+
+def _check_hybrid_parallel(args: argparse.Namespace, world_size: int, grad_accum_steps: int) -> None:
+    """One clear line for a hybrid_parallel layout that colossalai would reject with an assertion, or later."""
+    def fail(message):
+        raise SystemExit(f"error: -p hybrid_parallel: {message}")
+
+    for flag in ("tp", "pp", "microbatch_size", "num_model_chunks"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be at least 1")
+    if world_size % (args.tp * args.pp):
+        fail(f"{world_size} GPUs do not split into groups of --tp {args.tp} x --pp {args.pp}")
+    if args.zero > 0 and args.mixed_precision == "fp32":
+        fail(f"--zero {args.zero} needs -x bf16 or fp16")
+    if args.sequence_parallel:
+        if args.tp < 2:
+            fail(f"--sequence_parallel {args.sequence_parallel} splits the sequence over the tensor-parallel ranks: "
+                 f"needs --tp 2 or more")
+        if args.max_length % args.tp:
+            fail(f"--sequence_parallel needs the sequence length {args.max_length} divisible by --tp {args.tp}")
+    if args.pp == 1:
+        given = [flag for flag, default in (("pp_style", "1f1b"), ("num_model_chunks", 1), ("pp_layers", None),
+                                            ("microbatch_size", 1)) if getattr(args, flag) != default]
+        if given:
+            fail(f"--{given[0]} applies to pipeline parallelism only (--pp 2 or more)")
+        return
+    if args.zero > 1:
+        fail(f"--zero {args.zero} with --pp {args.pp}: colossalai allows ZeRO stage 0 or 1 with pipelines")
+    if (args.pp_style == "interleaved") != (args.num_model_chunks > 1):
+        fail(f"--pp_style {args.pp_style} with --num_model_chunks {args.num_model_chunks}: interleaved needs 2 "
+             f"or more model chunks, 1f1b exactly 1")
+    rows = args.batch_size * grad_accum_steps  # one pipeline batch per optimizer step
+    if rows % args.microbatch_size:
+        fail(f"the {rows} rows of a step (batch {args.batch_size} x accumulation {grad_accum_steps}) do not split "
+             f"into --microbatch_size {args.microbatch_size}")
+    micro_batches = rows // args.microbatch_size
+    if micro_batches < args.pp or (args.pp_style == "interleaved" and micro_batches % args.pp):
+        need = "a multiple of" if args.pp_style == "interleaved" else "at least"
+        fail(f"a step has {micro_batches} micro-batches (batch {args.batch_size} x accumulation {grad_accum_steps} "
+             f"/ --microbatch_size {args.microbatch_size}); the {args.pp_style} schedule needs {need} --pp "
+             f"{args.pp}: raise -b or --global_batch_tokens, or lower --microbatch_size")
+
+
+def data_parallel_rank(args: argparse.Namespace, rank: int, world_size: int) -> tuple[int, int]:
+    """(this process's data-parallel rank, the number of data-parallel ranks): the coordinates the loaders shard by.
+
+    Every plugin but hybrid_parallel is pure data parallelism. Under hybrid_parallel the --tp x --pp ranks of one
+    model replica read the same batches; colossalai's process mesh puts data parallelism outermost, so ranks
+    [i * tp * pp, (i + 1) * tp * pp) hold replica i.
+    """
+    if args.plugin != "hybrid_parallel":
+        return rank, world_size
+    model_parallel = args.tp * args.pp
+    if world_size % model_parallel:
+        raise SystemExit(f"error: -p hybrid_parallel: {world_size} GPUs do not split into groups of --tp {args.tp} "
+                         f"x --pp {args.pp}")
+    return rank // model_parallel, world_size // model_parallel
+
+
+def builds_lazily(plugin_name: str) -> bool:
+    """Gemini and hybrid_parallel build the model lazily, so that 7B and larger never exist unsharded on one
+    device: parameters materialize when the plugin shards them (for hybrid_parallel, only this stage's)."""
+    return plugin_name.startswith("gemini") or plugin_name == "hybrid_parallel"
+
+
 def model_init_context(plugin_name: str):
-    """Gemini builds the model lazily so that 7B and larger never exist unsharded on one device."""
-    if plugin_name.startswith("gemini"):
+    """See builds_lazily. model/policy.py makes hybrid_parallel's lazy weights independent of the layout."""
+    if builds_lazily(plugin_name):
+        from colossalai.accelerator import get_accelerator
         from colossalai.lazy import LazyInitContext
 
-        return LazyInitContext(default_device=torch.device("cuda", torch.cuda.current_device()))
+        return LazyInitContext(default_device=get_accelerator().get_current_device())  # this GPU (the CPU without)
     return nullcontext()
 
 
