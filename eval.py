@@ -15,14 +15,13 @@ import argparse
 import json
 import sys
 
-from corpus.tokenizer import load_tokenizer
 from training import args as flags
-from training.checkpoint import read_run_config
-from training.data import check_vocab, held_out_reader
+from training.checkpoint import read_run_config, weights_folder
+from training.data import held_out_reader
 from training.evaluate import (DEFAULT_PROMPTS, build_eval_model, evaluate, greedy_continuations,
                                print_continuations, table)
 from training.plugins import data_parallel_rank
-from training.setup import resolve_run
+from training.setup import load_checked_tokenizer, resolve_run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,8 +69,6 @@ def main(argv=None) -> None:
     resolved = {}
 
     def config_from(args):
-        from finetune import weights_folder
-
         resolved["weights"] = weights_folder(args.checkpoint)
         resolved["run"] = run = read_run_config(args.checkpoint).get("args", {})
         args.max_length = args.max_length or run.get("max_length")
@@ -83,13 +80,9 @@ def main(argv=None) -> None:
     if args.plugin == "hybrid_parallel" and args.pp > 1:
         raise SystemExit("error: --pp > 1: evaluation runs a plain forward, which a pipeline does not have yet; "
                          "use --tp, or another plugin")
-    weights, run = resolved["weights"], resolved["run"]
+    weights = resolved["weights"]
     tokenizer_spec = args.tokenizer or read_run_config(args.checkpoint).get("tokenizer") or str(weights)
-    try:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"error: --tokenizer {tokenizer_spec}: {error}") from None
-    check_vocab(tokenizer, config, tokenizer_spec)
+    tokenizer = load_checked_tokenizer(tokenizer_spec, config)
     data_rank, data_ranks = data_parallel_rank(args, rank, world_size)  # hybrid_parallel: one per model replica
     reader = held_out_reader(args.dataset, "-d", args.eval_fraction, args, tokenizer, data_rank, data_ranks)
     model, device, autocast = build_eval_model(args, config, str(weights))

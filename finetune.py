@@ -7,17 +7,15 @@
 checkpoint (a step-N folder, or a save_dir: its latest); the model config comes from it.
 """
 import argparse
-from pathlib import Path
 
 from corpus.sft import SFTLoader
-from corpus.tokenizer import load_tokenizer
 from training import args as flags
-from training.checkpoint import model_folder, read_run_config
-from training.data import check_vocab, steps_per_epoch
+from training.checkpoint import read_run_config, weights_folder
+from training.data import steps_per_epoch
 from training.loop import Trainer, grad_accum_steps
 from training.plots import plot_at_end
 from training.plugins import data_parallel_rank
-from training.setup import resolve_run, run_config
+from training.setup import load_checked_tokenizer, resolve_run, run_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,18 +32,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def weights_folder(spec: str) -> Path:
-    """A local folder of HF-layout weights for --model, downloading a hub name where there is a network."""
-    if Path(spec).exists():
-        return model_folder(spec)
-    if spec.count("/") != 1:
-        raise SystemExit(f"error: --model {spec}: no such folder, and not a hub name like 'org/model'")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json"]
-    return Path(snapshot_download(spec, allow_patterns=patterns))
-
-
 def main(argv=None) -> None:
     resolved = {}
 
@@ -56,11 +42,7 @@ def main(argv=None) -> None:
     args, config, rank, world_size = resolve_run(parser(), argv, config_from=config_from)
     weights = resolved["weights"]
     tokenizer_spec = args.tokenizer or read_run_config(args.model).get("tokenizer") or str(weights)
-    try:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"error: --tokenizer {tokenizer_spec}: {error}") from None
-    check_vocab(tokenizer, config, tokenizer_spec)
+    tokenizer = load_checked_tokenizer(tokenizer_spec, config)
     data_rank, data_ranks = data_parallel_rank(args, rank, world_size)  # hybrid_parallel: one per model replica
     loader = SFTLoader(args.dataset, tokenizer, seq_len=args.max_length, batch_size=args.batch_size, rank=data_rank,
                        world_size=data_ranks, seed=args.seed, pack=not args.no_pack, on_bad_line=args.on_bad_line,

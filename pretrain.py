@@ -6,14 +6,13 @@
 """
 import argparse
 
-from corpus.tokenizer import load_tokenizer
 from training import args as flags
-from training.data import check_vocab, pretrain_loader, steps_per_epoch, validation_reader
+from training.data import pretrain_loader, steps_per_epoch, validation_reader
 from training.evaluate import DEFAULT_PROMPTS, greedy_continuations, print_continuations
 from training.loop import Trainer, grad_accum_steps
 from training.plots import plot_at_end
 from training.plugins import data_parallel_rank
-from training.setup import resolve_run, run_config
+from training.setup import load_checked_tokenizer, resolve_run, run_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,11 +29,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args, config, rank, world_size = resolve_run(parser(), argv)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"error: --tokenizer {args.tokenizer}: {error}") from None
-    check_vocab(tokenizer, config, args.tokenizer)
+    tokenizer = load_checked_tokenizer(args.tokenizer, config)
     data_rank, data_ranks = data_parallel_rank(args, rank, world_size)  # hybrid_parallel: one per model replica
     loader = pretrain_loader(args, tokenizer, data_rank, data_ranks)
     validation = validation_reader(args, tokenizer, data_rank, data_ranks)

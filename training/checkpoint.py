@@ -138,6 +138,19 @@ def model_folder(spec: str | os.PathLike) -> Path:
     return path
 
 
+def weights_folder(spec: str) -> Path:
+    """A local folder of HF-layout weights: a suite checkpoint's model/, an HF folder, or a hub name downloaded
+    where there is a network (the weights, config and tokenizer files only)."""
+    if Path(spec).exists():
+        return model_folder(spec)
+    if spec.count("/") != 1:
+        raise SystemExit(f"error: {spec}: no such folder, and not a hub name like 'org/model'")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json"]
+    return Path(snapshot_download(spec, allow_patterns=patterns))
+
+
 def read_run_config(checkpoint: str | os.PathLike) -> dict:
     """The run configuration saved beside a suite checkpoint's model folder ({} for a plain HF folder)."""
     path = model_folder(checkpoint).parent / CONFIG_FILE

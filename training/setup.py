@@ -71,6 +71,20 @@ def _print_on(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+def load_checked_tokenizer(spec: str, config: LlamaConfig):
+    """The tokenizer for --tokenizer SPEC, refused with one clear line if missing or larger than the model's vocab."""
+    from corpus.tokenizer import load_tokenizer
+
+    from .data import check_vocab
+
+    try:
+        tokenizer = load_tokenizer(spec)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: --tokenizer {spec}: {error}") from None
+    check_vocab(tokenizer, config, spec)
+    return tokenizer
+
+
 def run_config(args: argparse.Namespace, config: LlamaConfig, world_size: int, **extra) -> dict:
     """The run's whole configuration, saved beside every checkpoint so runs can be reproduced and diffed."""
     import colossalai
