@@ -128,10 +128,18 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(min(warmup, self.total_steps), self.total_steps, args.min_lr_ratio))
         self.booster = Booster(plugin=build_plugin(args, self.accum))
-        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
+        from model.policy import ShardingError
+
+        try:
+            self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer,
+                                                                                  lr_scheduler=scheduler)
+        except ShardingError as error:  # hybrid_parallel: a layout model/policy.py cannot shard this model into
+            raise SystemExit(f"error: -p {args.plugin} with -c {args.config}: {error}") from None
         hybrid = args.plugin == "hybrid_parallel"
         self.dp_group = self.booster.plugin.dp_group if hybrid else None  # None: all ranks
         self.pipelined = hybrid and args.pp > 1
+        if hybrid and args.tp > 1:  # model/policy.py replaced the loss kernel: the head's vocabulary is split
+            self.print(f"tensor parallel {args.tp}: kernels {self.model.unwrap().kernels.describe()}")
         if initial_weights is not None:
             load_weights(self.booster, self.model, initial_weights, args.plugin, boosted=True)
         self.autocast = _autocast(args, self.device)

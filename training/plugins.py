@@ -46,8 +46,9 @@ def _hybrid_parallel_plugin(args: argparse.Namespace, grad_accum_steps: int):
     _check_hybrid_parallel(args, dist.get_world_size(), grad_accum_steps)
     pipeline = dict(pp_style=args.pp_style, num_model_chunks=args.num_model_chunks,
                     microbatch_size=args.microbatch_size) if args.pp > 1 else {}
-    sequence = dict(enable_sequence_parallelism=True,
-                    sequence_parallelism_mode=args.sequence_parallel) if args.sequence_parallel else {}
+    # split_gather and ring run over the tp group: sp_size 1 says no separate sequence-parallel group
+    sequence = dict(enable_sequence_parallelism=True, sequence_parallelism_mode=args.sequence_parallel,
+                    sp_size=1) if args.sequence_parallel else {}
     return HybridParallelPlugin(
         tp_size=args.tp, pp_size=args.pp, zero_stage=args.zero, precision=args.mixed_precision,
         initial_scale=FP16_INITIAL_SCALE, max_norm=args.grad_clip, custom_policy=LlamaPolicy(args.pp_layers),
@@ -81,6 +82,8 @@ def _check_hybrid_parallel(args: argparse.Namespace, world_size: int, grad_accum
         return
     if args.zero > 1:
         fail(f"--zero {args.zero} with --pp {args.pp}: colossalai allows ZeRO stage 0 or 1 with pipelines")
+    if getattr(args, "eval_interval", 0):
+        fail(f"--eval_interval with --pp {args.pp}: validation does not run through the pipeline schedule yet")
     if (args.pp_style == "interleaved") != (args.num_model_chunks > 1):
         fail(f"--pp_style {args.pp_style} with --num_model_chunks {args.num_model_chunks}: interleaved needs 2 "
              f"or more model chunks, 1f1b exactly 1")

@@ -1,0 +1,71 @@
+"""Run a test function on several CPU processes joined by gloo, with what colossalai lacks on a CPU filled in.
+
+colossalai's parallel layers, HybridParallelPlugin and pipeline schedules run on a CPU with gloo but for three
+gaps of its CPU code paths, filled in only inside these test processes (with a GPU none of them is reached):
+  - CpuAccelerator.get_rng_state passes a device to torch.get_rng_state, which takes none, and
+    CpuAccelerator.manual_seed raises "not supported"; every parallel layer's constructor calls both.
+  - The pipeline's p2p (colossalai/pipeline/p2p.py) asks torch.distributed.is_hccl_available() whenever NCCL is
+    not available, and this torch has no such function.
+tests/model/test_policy.py::test_colossalai_cpu_gaps shows each; when it fails, colossalai has fixed one: remove
+its line in fill_cpu_gaps.
+"""
+import faulthandler
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def fill_cpu_gaps() -> None:
+    from colossalai.accelerator import CpuAccelerator
+
+    CpuAccelerator.get_rng_state = lambda self, device=None: torch.get_rng_state()
+    CpuAccelerator.manual_seed = lambda self, seed: torch.manual_seed(seed)
+    if not hasattr(dist, "is_hccl_available"):
+        dist.is_hccl_available = lambda: False
+
+
+def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: int = 300) -> None:
+    """fn(rank, world_size, *args) in `world_size` processes; a failure on any rank fails the test with its trace."""
+    context = mp.get_context("spawn")
+    errors = context.SimpleQueue()
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, world_size, port, fn, args, errors, timeout_s))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=timeout_s)
+    for process in processes:
+        if process.is_alive():  # a rank waiting forever on one that failed
+            process.kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert not messages, "\n".join(messages)
+    assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
+
+
+def _worker(rank, world_size, port, fn, args, errors, timeout_s):
+    faulthandler.dump_traceback_later(max(1, timeout_s - 10), exit=True)  # a hung rank says where it waits
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    fill_cpu_gaps()
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
