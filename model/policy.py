@@ -180,10 +180,15 @@ def seed_lazy_init(model: LlamaForCausalLM, seed: int) -> None:
     generator, seeded by the run's seed and the parameter's name, gives every layout the same weights. The
     distribution is the model's own (`LlamaForCausalLM._init_weights`). Eagerly built models are left alone.
     """
+    from colossalai.accelerator import get_accelerator
+
+    # The generator must live where the weights materialize: LazyInitContext re-runs the initialisation on the
+    # accelerator's current device (training/plugins.py model_init_context), whatever device the lazy tensor reports.
+    device = get_accelerator().get_current_device()
     std = model.config.initializer_range
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(module.weight, LazyTensor):
-            generator = torch.Generator(device=module.weight.device)
+            generator = torch.Generator(device=device)
             generator.manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}.weight".encode())) % 2**63)
             with torch.no_grad():
                 nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
