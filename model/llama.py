@@ -96,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
     """
 
     def __init__(self, config: LlamaConfig, kernels: Kernels | None = None, *, document_causal: bool = True,
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, compile_blocks: bool = False):
         super().__init__()
         self.config = config
         self.kernels = kernels or resolve_kernels("torch")
@@ -108,6 +108,15 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
+        if compile_blocks:
+            self.compile_blocks()
+
+    def compile_blocks(self) -> None:
+        """torch.compile each decoder layer in place, fusing what the kernels leave apart (residual adds, casts, and
+        with the torch kernels the norms, rotary and SwiGLU). In place, so parameter names, and with them
+        checkpoints, stay those of Hugging Face; compilation itself happens at the first forward."""
+        for layer in self.model.layers:
+            layer.compile(dynamic=False)
 
     def _init_weights(self, module):
         # The initialisation of transformers' Llama: normal(0, initializer_range), norms at one.

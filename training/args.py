@@ -28,6 +28,9 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None)
     group.add_argument("--attention_scope", choices=("document", "sequence"), default="document",
                        help="document: packed documents do not attend to each other; sequence: plain causal rows")
     group.add_argument("-g", "--grad_checkpoint", action="store_true", help="recompute activations in backward")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each decoder layer (zero2, zero2_cpu, ddp, hybrid_parallel; the first "
+                            "steps pay the compilation)")
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:

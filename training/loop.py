@@ -88,8 +88,10 @@ def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
 class Trainer:
     def __init__(self, args: argparse.Namespace, config: LlamaConfig, loader, *, rank: int, world_size: int,
                  total_steps: int, initial_weights: str | None = None, run_config: dict | None = None,
-                 validation=None):
+                 validation=None, model_builder=None):
         self.args, self.config, self.loader = args, config, loader
+        # (args, config, kernels) -> module with the suite model's forward; benchmark.py --baseline swaps it
+        self.model_builder = model_builder or build_model
         self.validation = validation
         self.eval_interval = args.eval_interval if validation is not None else 0
         self.validations: list[tuple[int, float]] = []  # (step, validation loss) of this launch
@@ -120,7 +122,7 @@ class Trainer:
                    f"kernels: {kernels.describe()}; plugin {args.plugin}, {args.mixed_precision}, "
                    f"{self.world_size} process(es), micro batch {args.batch_size} x {self.seq_len}, "
                    f"gradient accumulation {self.accum}")
-        model = build_model(args, self.config, kernels)
+        model = self.model_builder(args, self.config, kernels)
         if initial_weights is not None:
             load_weights(None, model, initial_weights, args.plugin, boosted=False)
         optimizer = build_optimizer(model, args)
@@ -368,7 +370,7 @@ def build_model(args: argparse.Namespace, config: LlamaConfig, kernels) -> Llama
     """The model, built under the plugin's init context (lazily for Gemini)."""
     with model_init_context(args.plugin):
         return LlamaForCausalLM(config, kernels, document_causal=args.attention_scope == "document",
-                                grad_checkpoint=args.grad_checkpoint)
+                                grad_checkpoint=args.grad_checkpoint, compile_blocks=args.compile)
 
 
 def load_weights(booster, model: torch.nn.Module, folder: str, plugin: str, *, boosted: bool) -> None:

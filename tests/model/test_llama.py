@@ -70,6 +70,16 @@ def test_grad_checkpoint_gives_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def test_compiled_blocks_keep_hugging_face_names():
+    """--compile compiles each layer in place: no `_orig_mod` in the names, so checkpoints load either way.
+    (The compiled step's losses against the eager ones: tests/training/test_compile_gpu.py.)"""
+    plain = LlamaForCausalLM(SMALL)
+    compiled = LlamaForCausalLM(SMALL, compile_blocks=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+    assert all(layer._compiled_call_impl is None for layer in plain.model.layers)
+
+
 def test_unknown_kernel_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         resolve_kernels("torch", {"attention": "nope"})
