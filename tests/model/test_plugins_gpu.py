@@ -1,10 +1,16 @@
 """Every kernel preset under every booster plugin, on one GPU: the first 10 losses of a small Llama match the run
 with the reference kernels within bf16 tolerance.
 
-Each run builds the model from the same seeds (under LazyInitContext for Gemini, as training does, so Gemini
-materializes it), boosts it with HybridAdam, and trains 10 steps on fixed random tokens: even steps on packed
-documents (document-causal attention, labels -100 across boundaries), odd steps on plain causal rows. Runs are
-compared within one plugin, since lazy and eager construction draw different initial weights.
+Each run builds the model from the same seeds (under LazyInitContext for Gemini and hybrid_parallel, as training
+does: training/plugins.py model_init_context, so the plugin materializes it), boosts it with HybridAdam, and trains
+10 steps on fixed random tokens: even steps on packed documents (document-causal attention, labels -100 across
+boundaries), odd steps on plain causal rows. Runs are compared within one plugin, since lazy and eager construction
+draw different initial weights.
+
+hybrid_parallel runs with tp = pp = 1 and ZeRO stage 0: the shardformer path (model/policy.py's LlamaPolicy, which
+seeds the lazy weights per parameter from the seed set before boosting) and the plugin's bf16 optimizer. With tp = 1
+the policy shards nothing and keeps every kernel of the preset, the loss included (it replaces the loss kernel only
+under tp > 1).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from model.config import CONFIGS
 from model.kernels import PRESETS, missing_packages, resolve_kernels
 from model.llama import LlamaForCausalLM
+from training.plugins import builds_lazily, model_init_context
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +50,9 @@ def distributed():
 
 
 def make_plugin(name: str):
-    from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+
+    from model.policy import LlamaPolicy
 
     if name == "gemini":
         return GeminiPlugin(placement_policy="static", precision="bf16")
@@ -55,6 +64,9 @@ def make_plugin(name: str):
         return LowLevelZeroPlugin(stage=2, precision="bf16", cpu_offload=True)
     if name == "ddp":
         return TorchDDPPlugin()  # float32 weights; the step runs under bf16 autocast, as training does
+    if name == "hybrid_parallel":
+        return HybridParallelPlugin(tp_size=1, pp_size=1, zero_stage=0, precision="bf16",
+                                    custom_policy=LlamaPolicy())
     raise ValueError(name)
 
 
@@ -81,19 +93,19 @@ def first_losses(plugin_name: str, preset: str) -> list[float]:
     if (plugin_name, preset) in _LOSSES:
         return _LOSSES[plugin_name, preset]
     from colossalai.booster import Booster
-    from colossalai.lazy import LazyInitContext
     from colossalai.nn.optimizer import HybridAdam
 
     device = torch.device("cuda", torch.cuda.current_device())
-    gemini = plugin_name.startswith("gemini")
     torch.manual_seed(0)
-    with LazyInitContext(default_device=device) if gemini else nullcontext():
+    with model_init_context(plugin_name):
         model = LlamaForCausalLM(CONFIG, resolve_kernels(preset))
-    if not gemini:
+    if not builds_lazily(plugin_name):
         model = model.to(device)
     optimizer = HybridAdam(model.parameters(), lr=LR)
     booster = Booster(plugin=make_plugin(plugin_name))
-    torch.manual_seed(1)  # Gemini materializes the lazy weights while boosting
+    # The lazy weights materialize while boosting: Gemini's from the global stream, hybrid_parallel's from per-parameter
+    # generators seeded by torch.initial_seed() (model/policy.py seed_lazy_init), as pretrain.py's --seed does.
+    torch.manual_seed(1)
     model, optimizer, *_ = booster.boost(model, optimizer)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if plugin_name == "ddp" else nullcontext()
     data = [{k: v.to(device) for k, v in batch.items()} for batch in batches()]
@@ -116,8 +128,6 @@ def first_losses(plugin_name: str, preset: str) -> list[float]:
 @pytest.mark.parametrize("preset", CANDIDATES)
 @pytest.mark.parametrize("plugin_name", PLUGINS)
 def test_first_losses_match_reference_kernels(distributed, plugin_name, preset):
-    if plugin_name == "hybrid_parallel":
-        pytest.skip("needs the shardformer policy (issue 6)")
     names = PRESETS[preset] if preset != "auto" else dict(resolve_kernels("auto").names)
     missing = sorted({p for op, name in names.items() for p in missing_packages(op, name)})
     if missing:

@@ -7,26 +7,17 @@ reference; each two-GPU layout's losses must match it step by step within bf16 t
 
   . .whl/gpu-env.sh && python3 -m pytest -m gpu -s tests/training/test_hybrid_gpu.py
 """
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-from corpus.sample import build_sample
+from gpu_runs import ROOT, assert_losses_match, logged_losses, pretrain, reference_losses, sample_work
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
-COMMON = ["-c", "tiny", "-p", "hybrid_parallel", "-x", "bf16", "-b", "4", "-l", "256", "--lr", "1e-3", "-s", "2",
-          "--seed", "42", "--log_interval", "1", "--data_workers", "1"]
-# Relative difference allowed per step: two bf16 rounding steps. The layouts sum in other orders (row-parallel
-# reductions, pipeline micro-batches), and the differences grow a little as the runs train.
-RTOL = 2 * torch.finfo(torch.bfloat16).eps
 LAYOUTS = {
     "tp2": ["--tp", "2"],
     "pp2": ["--pp", "2", "--microbatch_size", "1"],
@@ -40,56 +31,12 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The sample corpus and tokenizer, and one tokenized cache shared by every run of this file."""
-    folder = tmp_path_factory.mktemp("hybrid")
-    return folder, build_sample(folder / "sample", vocab_size=512, target_mb=0.3)
-
-
-def pretrain(work, name: str, *flags, nproc: int) -> Path:
-    """Run pretrain.py on `nproc` GPUs; returns the run's folder (ckpt/, tb/ unless flags name others)."""
-    folder, sample = work
-    run_dir = folder / name
-    args = [*COMMON, "-d", str(sample.corpus_dir), "--tokenizer", str(sample.tokenizer_dir),
-            "--data_cache", str(folder / "prepared"), "-o", str(run_dir / "ckpt"), "-t", str(run_dir / "tb"), *flags]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "4"}
-    result = subprocess.run([*launcher, "pretrain.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return run_dir
-
-
-def logged_losses(tb_dir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    losses = {}
-    for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events.parent))
-        accumulator.Reload()
-        losses.update({e.step: e.value for e in accumulator.Scalars("train/loss")})
-    return losses
-
-
-def assert_losses_match(name: str, actual: dict[int, float], expected: dict[int, float]) -> None:
-    steps = sorted(actual)
-    print(f"\n{name:>24}: " + " ".join(f"{actual[s]:.4f}" for s in steps))
-    print(f"{'one GPU':>24}: " + " ".join(f"{expected[s]:.4f}" for s in steps))
-    worst = max(abs(actual[s] - expected[s]) / abs(expected[s]) for s in steps)
-    print(f"{'':>24}  largest relative difference {worst:.2e} (allowed {RTOL:.2e})")
-    mismatched = [f"step {s}: {actual[s]:.4f} vs {expected[s]:.4f}" for s in steps
-                  if abs(actual[s] - expected[s]) > RTOL * abs(expected[s])]
-    assert not mismatched, f"{name} vs one GPU: " + "; ".join(mismatched)
-
-
-_REFERENCES: dict[str, dict[int, float]] = {}
+    return sample_work(tmp_path_factory.mktemp("hybrid"), "-p", "hybrid_parallel")
 
 
 def one_gpu_losses(work, kernels: str = "torch") -> dict[int, float]:
-    if kernels not in _REFERENCES:
-        run_dir = pretrain(work, f"one-{kernels}", "--max_steps", str(STEPS), "--kernels", kernels, nproc=1)
-        _REFERENCES[kernels] = logged_losses(run_dir / "tb")
-        assert sorted(_REFERENCES[kernels]) == list(range(1, STEPS + 1))
-        assert _REFERENCES[kernels][STEPS] < _REFERENCES[kernels][1], "the one-GPU run did not learn"
-    return _REFERENCES[kernels]
+    return reference_losses(work, f"one-{kernels}", "--max_steps", str(STEPS), "--kernels", kernels, steps=STEPS,
+                            nproc=1)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
