@@ -29,7 +29,7 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None)
                        help="document: packed documents do not attend to each other; sequence: plain causal rows")
     group.add_argument("-g", "--grad_checkpoint", action="store_true", help="recompute activations in backward")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile each decoder layer (zero2, zero2_cpu, ddp, hybrid_parallel; the first "
+                       help="torch.compile each decoder layer (not with gemini; the first "
                             "steps pay the compilation)")
 
 
@@ -201,6 +201,10 @@ def validate(args: argparse.Namespace) -> None:
         for flag in ("offload_optim_frac", "offload_param_frac"):
             if getattr(args, flag):
                 fail(f"--{flag} applies to -p gemini (static placement) only, not -p {args.plugin}")
+    if args.compile and args.plugin.startswith("gemini"):
+        # Dynamo cannot trace Gemini's parameters (colossalai 0.5.0, torch 2.11: InternalTorchDynamoError on their
+        # views), so the compiled layers would fail at the first step
+        fail(f"--compile does not work with -p {args.plugin}: use -p zero2, zero2_cpu, ddp or hybrid_parallel")
     if args.plugin != "ddp" and not torch.cuda.is_available():
         fail(f"-p {args.plugin} needs a CUDA GPU; on a CPU use -p ddp")
     if args.plugin == "ddp" and args.mixed_precision == "fp16":

@@ -165,6 +165,16 @@ def test_hybrid_parallel_flags_are_refused_for_other_plugins():
             flag_defs.validate(args)
 
 
+def test_compile_is_refused_for_gemini():
+    import pretrain
+    from training import args as flag_defs
+
+    for plugin in ("gemini", "gemini_auto"):
+        args = flag_defs.apply_defaults(pretrain.parser().parse_args(["-p", plugin, "--compile"]))
+        with pytest.raises(SystemExit, match=f"--compile does not work with -p {plugin}"):
+            flag_defs.validate(args)
+
+
 def test_model_parallel_ranks_of_a_replica_share_its_data_rank():
     from training.plugins import data_parallel_rank
 
