@@ -2,7 +2,8 @@
 # GPU validation of the suite, one stage per call, logs under $OUT (default runs/validate):
 #   bash scripts/validate_gpu.sh tests       the GPU tests (python3 -m pytest -m gpu)
 #   bash scripts/validate_gpu.sh demo        the demo run with the default plugin (gemini); -p auto for the 1b shape
-#   bash scripts/validate_gpu.sh plugins     1b shape, sample corpus: 50 steps per plugin, saved at 25 and resumed
+#   bash scripts/validate_gpu.sh plugins     1b shape, sample corpus: 50 steps (STEPS) per plugin, saved halfway
+#                                            and resumed
 #                                            (PLUGINS="zero2 gemini" picks some; default all but hybrid_parallel)
 #   bash scripts/validate_gpu.sh bench       benchmark.py JSON lines: 1b at sequence 2048, zero2 and gemini, presets
 #   bash scripts/validate_gpu.sh two_gpu     the plugins and bench stages for gemini and zero2 on every GPU present
@@ -16,6 +17,7 @@ OUT=${OUT:-runs/validate}
 PY=${PYTHON:-python3}
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 WORK=${WORK:-/tmp/suite-validate}
+STEPS=${STEPS:-50}  # pretrain_and_resume: STEPS in all, stopped and saved halfway, then resumed
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
@@ -36,9 +38,9 @@ pretrain_and_resume() { # plugin, nproc
     local plugin=$1 nproc=$2 ckpt="$WORK/ckpt-$1-$2"
     shift 2
     rm -rf "$ckpt"
-    local common=(pretrain.py -c 1b -p "$plugin" -l 2048 -b 4 --lr 3e-4 -s 5 --max_steps 50 "${SAMPLE[@]}"
+    local common=(pretrain.py -c 1b -p "$plugin" -l 2048 -b 4 --lr 3e-4 -s 5 --max_steps "$STEPS" "${SAMPLE[@]}"
                   -o "$ckpt" -t "$OUT/tb-$plugin-$nproc" --keep_last 1 --log_interval 5 "$@")
-    run "pretrain-$plugin-${nproc}gpu-first" torchrun --standalone --nproc_per_node "$nproc" "${common[@]}" -i 25 --stop_after 25
+    run "pretrain-$plugin-${nproc}gpu-first" torchrun --standalone --nproc_per_node "$nproc" "${common[@]}" -i $((STEPS / 2)) --stop_after $((STEPS / 2))
     run "pretrain-$plugin-${nproc}gpu-resumed" torchrun --standalone --nproc_per_node "$nproc" "${common[@]}" -f latest
 }
 

@@ -29,6 +29,11 @@ def peak_gpu_mem_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+def resident_gpu_mem_gib() -> float:
+    """GPU memory allocated now: between steps, the model and optimizer states without activations."""
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
 def host_mem_gib() -> float:
     """Peak resident memory of this process (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
