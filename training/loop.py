@@ -267,7 +267,7 @@ class Trainer:
             bar.close()
             logger.close()
         self.summary = {**throughput.summary(), "peak_mem_gib": metrics.peak_gpu_mem_gib(),
-                        "host_mem_gib": metrics.host_mem_gib()}
+                        "resident_mem_gib": metrics.resident_gpu_mem_gib(), "host_mem_gib": metrics.host_mem_gib()}
         return losses
 
     def _save_or_stop(self, steps_run: int, save_at_end: bool) -> bool:
