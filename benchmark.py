@@ -1,16 +1,23 @@
 """Throughput of the training step on synthetic tokens: the same step as pretrain.py, without data loading.
 
 Prints one JSON line per run: tokens/s/GPU, MFU, TFLOPS/GPU (also under Colossal-AI's 8N convention),
-peak GPU and host memory.
+peak GPU and host memory. `--baseline hf` then runs transformers' LlamaForCausalLM (SDPA) through the same plugin,
+batch and loop in the same process, prints its line, and a last line with the suite's speedup over it and the
+ratio of their peak GPU memory (suite / hf). host_mem_gib is the process's peak, which cannot be reset, so the
+baseline's line leaves it out.
 
   torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --max_steps 20
+  torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --baseline hf
+  python -m training.batch_search --max_batch 32 -- -c 1b -p zero2 -l 2048    # the fastest micro batch
 """
 import argparse
+import gc
 import json
 
 import torch
 
 from training import args as flags
+from training.baseline import build_hf_model, check_plugin
 from training.data import SyntheticLoader
 from training.loop import Trainer
 from training.plugins import data_parallel_rank
@@ -24,22 +31,44 @@ def parser() -> argparse.ArgumentParser:
     flags.add_schedule_flags(p)
     flags.add_optimizer_flags(p, default_lr=3e-4)
     flags.add_output_flags(p)
+    p.add_argument("--baseline", choices=("hf",), default=None,
+                   help="also run transformers' LlamaForCausalLM (SDPA) the same way, and print the ratios")
     p.set_defaults(max_steps=20, tensorboard_dir=None, attention_scope="sequence")
     return p
 
 
 def main(argv=None) -> None:
+    given = parser().parse_args(argv)
+    if given.baseline == "hf":
+        check_plugin(given.plugin)  # before resolve_run, whose checks would hide this under other refusals
     args, config, rank, world_size = resolve_run(parser(), argv)
+    emit = _printer(rank)
+    suite = emit(measure(args, config, rank, world_size, model_impl="suite", kernels=args.kernels))
+    if args.baseline != "hf":
+        return
+    _free_accelerator_memory()  # the suite's trainer is gone: the baseline starts from an empty GPU
+    if rank == 0:
+        print("baseline: transformers' LlamaForCausalLM, SDPA attention (the kernels named next are the suite's, "
+              "unused here)", flush=True)
+    hf = measure(args, config, rank, world_size, model_impl="hf", kernels="sdpa", model_builder=build_hf_model)
+    hf["host_mem_gib"] = None  # the process's peak, the suite's run included
+    emit(hf)
+    emit({"baseline": "hf", "speedup": _ratio(suite["tokens_per_s_per_gpu"], hf["tokens_per_s_per_gpu"]),
+          "memory_ratio": _ratio(suite["peak_mem_gib"], hf["peak_mem_gib"])})
+
+
+def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernels: str, model_builder=None) -> dict:
+    """Train args.max_steps steps on synthetic tokens; the run's JSON fields. The trainer is freed on return."""
     data_rank, _ = data_parallel_rank(args, rank, world_size)  # hybrid_parallel: one stream per model replica
     loader = SyntheticLoader(config.vocab_size, args.max_length, args.batch_size, seed=args.seed + data_rank)
     trainer = Trainer(args, config, loader, rank=rank, world_size=world_size, total_steps=args.max_steps,
-                      run_config=run_config(args, config, world_size))
+                      run_config=run_config(args, config, world_size), model_builder=model_builder)
     trainer.fit(save_at_end=False)
     summary = trainer.summary
     tokens_per_s = summary.get("tokens_per_s_per_gpu", 0.0)
-    result = {
-        "model": config.name, "params": config.num_params(), "plugin": args.plugin, "kernels": args.kernels,
-        "precision": args.mixed_precision, "gpus": world_size,
+    return {
+        "model": config.name, "model_impl": model_impl, "params": config.num_params(), "plugin": args.plugin,
+        "kernels": kernels, "precision": args.mixed_precision, "gpus": world_size,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch": args.batch_size, "seq_len": args.max_length, "grad_accum": trainer.accum,
         "grad_checkpoint": args.grad_checkpoint, "steps": args.max_steps,
@@ -47,10 +76,32 @@ def main(argv=None) -> None:
         "mfu": round(summary["mfu"], 4) if "mfu" in summary else None,
         "tflops_per_gpu": round(tokens_per_s * config.flops_per_token(args.max_length) / 1e12, 1),
         "tflops_per_gpu_8n": round(tokens_per_s * 8 * config.num_params() / 1e12, 1),
-        "peak_mem_gib": round(summary["peak_mem_gib"], 2), "host_mem_gib": round(summary["host_mem_gib"], 2),
+        "peak_mem_gib": round(summary["peak_mem_gib"], 2), "resident_mem_gib": round(summary["resident_mem_gib"], 2),
+        "host_mem_gib": round(summary["host_mem_gib"], 2),
     }
-    if rank == 0:
-        print(json.dumps(result), flush=True)
+
+
+def _free_accelerator_memory() -> None:
+    """Collect the finished run's model, optimizer and booster (their hooks hold reference cycles), hand the cached
+    blocks back, and restart the peak that training/metrics.py reads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _printer(rank: int):
+    """Print a result as one JSON line on rank 0, as soon as it is known; return it."""
+    def emit(line: dict) -> dict:
+        if rank == 0:
+            print(json.dumps(line), flush=True)
+        return line
+
+    return emit
+
+
+def _ratio(suite: float, baseline: float) -> float | None:
+    return round(suite / baseline, 3) if baseline else None  # None: not measured (no GPU memory on a CPU)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,122 @@
+"""benchmark.py on the CPU: the HF baseline (its loss convention, its JSON lines, its refusals) and the micro-batch
+search (its doubling and stopping, with a fake launcher and one real one)."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.config import CONFIGS
+from model.llama import LlamaForCausalLM
+from tests.training.test_pretrain_cpu import ROOT, last_error_line, ok
+from training import batch_search
+from training.baseline import build_hf_model
+
+BENCH = ["-c", "tiny", "-p", "ddp", "-x", "fp32", "-l", "64", "--max_steps", "3"]
+RUN_FIELDS = {"model_impl", "kernels", "plugin", "micro_batch", "tokens_per_s_per_gpu", "peak_mem_gib"}
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def json_lines(result: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_hf_baseline_loss_equals_suite_loss_on_shifted_labels():
+    """Same weights, same shifted labels (some ignored): the wrapper's loss is the suite's, and HF's own."""
+    config = CONFIGS["tiny"]
+    torch.manual_seed(0)
+    suite = LlamaForCausalLM(config).eval()
+    hf = build_hf_model(argparse.Namespace(grad_checkpoint=False, compile=False), config).eval()
+    hf.hf.load_state_dict(suite.state_dict(), strict=True)  # the suite's names are HF's
+    ids = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    shifted = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    shifted[0, :5] = -100  # a prompt that is not trained on
+    with torch.no_grad():
+        loss = hf(ids, labels=shifted)
+        torch.testing.assert_close(loss, suite(ids, labels=shifted), atol=1e-5, rtol=1e-5)
+        unshifted = ids.clone()
+        unshifted[0, 1:6] = -100  # HF shifts its labels itself: the same targets, one place later
+        torch.testing.assert_close(loss, hf.hf(ids, labels=unshifted).loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_baseline_hf_prints_both_runs_and_their_ratios():
+    lines = json_lines(ok(run("benchmark.py", *BENCH, "-b", "2", "--baseline", "hf")))
+    assert len(lines) == 3, lines
+    suite, hf, ratios = lines
+    assert RUN_FIELDS <= suite.keys() and RUN_FIELDS <= hf.keys()
+    assert (suite["model_impl"], hf["model_impl"], hf["kernels"]) == ("suite", "hf", "sdpa")
+    assert suite["micro_batch"] == hf["micro_batch"] == 2 and suite["plugin"] == hf["plugin"] == "ddp"
+    assert suite["tokens_per_s_per_gpu"] > 0 and hf["tokens_per_s_per_gpu"] > 0
+    assert ratios["baseline"] == "hf"
+    assert ratios["speedup"] == pytest.approx(suite["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"], rel=0.01)
+    assert "memory_ratio" in ratios and ratios["memory_ratio"] is None  # no GPU memory to compare on a CPU
+
+
+def test_baseline_hf_with_hybrid_parallel_is_one_clear_line():
+    line = last_error_line(run("benchmark.py", *BENCH, "-p", "hybrid_parallel", "--baseline", "hf"))
+    assert "--baseline hf" in line and "hybrid_parallel" in line
+
+
+def completed(batch: int, tokens_per_s: float | None = None, stderr: str = "") -> subprocess.CompletedProcess:
+    """What one benchmark launch returns: its JSON line, or (tokens_per_s None) a failure with `stderr`."""
+    if tokens_per_s is None:
+        return subprocess.CompletedProcess([], 1, stdout="model tiny: ...\n", stderr=stderr)
+    line = json.dumps({"micro_batch": batch, "tokens_per_s_per_gpu": tokens_per_s})
+    return subprocess.CompletedProcess([], 0, stdout=f"model tiny: ...\n{line}\n", stderr="")
+
+
+def fake_launcher(tokens_per_s: dict, failure: str, launched: list):
+    def launch(flags, nproc, batch):
+        launched.append(batch)
+        return completed(batch, tokens_per_s.get(batch), stderr=failure)
+
+    return launch
+
+
+def test_search_doubles_until_out_of_memory_and_picks_the_fastest(capsys):
+    launched = []
+    oom = "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    launch = fake_launcher({1: 100.0, 2: 300.0, 4: 250.0}, oom, launched)
+    summary, clean = batch_search.search(["-c", "tiny"], 1, 64, run=launch)
+    assert launched == [1, 2, 4, 8]
+    assert summary == {"best_micro_batch": 2, "tokens_per_s_per_gpu": 300.0, "tried": [1, 2, 4, 8],
+                       "stopped_by": "out of memory"}
+    assert clean
+    out, err = capsys.readouterr()
+    assert len(json_lines(subprocess.CompletedProcess([], 0, out))) == 3 and "micro batch 8: out of memory" in err
+
+
+def test_search_stops_at_max_batch():
+    summary, clean = batch_search.search([], 1, 5, run=fake_launcher({1: 1.0, 2: 2.0, 4: 3.0, 8: 4.0}, "", []))
+    assert (summary["best_micro_batch"], summary["tried"], summary["stopped_by"], clean) == (4, [1, 2, 4], "max_batch",
+                                                                                             True)
+
+
+def test_search_reports_another_failure_with_its_last_lines(capsys):
+    launch = fake_launcher({1: 1.0}, "RuntimeError: something else broke", [])
+    summary, clean = batch_search.search([], 1, 64, run=launch)
+    assert (summary["best_micro_batch"], summary["tried"], summary["stopped_by"], clean) == (1, [1, 2], "error", False)
+    assert "something else broke" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["-b", "4"], ["-b4"], ["--batch_size=4"], ["--bat", "4"]])
+def test_search_refuses_a_batch_flag(flag):
+    with pytest.raises(SystemExit, match="leave -b/--batch_size out"):
+        batch_search.main(["--", *BENCH, *flag])
+
+
+@pytest.mark.slow
+def test_search_runs_the_benchmark():
+    result = ok(run("-m", "training.batch_search", "--nproc_per_node", "1", "--max_batch", "2", "--", *BENCH))
+    *runs, summary = json_lines(result)
+    assert [line["micro_batch"] for line in runs] == [1, 2]
+    assert summary["tried"] == [1, 2] and summary["stopped_by"] == "max_batch"
+    assert summary["best_micro_batch"] in (1, 2)
