@@ -186,8 +186,13 @@ def _chunk_layout(sizes: tuple[int, ...], dp: int) -> tuple[int, int, int]:
 
 
 # ---- activations, bytes per token ---------------------------------------------------------------------------
-def layer_activation_bytes(config: LlamaConfig, *, fused_layers: bool, document_mask: bool, seq_len: int) -> int:
-    """Bytes autograd keeps per token for one decoder layer without recomputation."""
+def layer_activation_bytes(config: LlamaConfig, *, fused_layers: bool, document_mask: bool, seq_len: int,
+                           tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes autograd keeps per token for one decoder layer without recomputation, on one of `tp` ranks.
+
+    Tensor parallelism splits the heads and the MLP width, but without sequence parallelism every rank keeps the
+    whole of the norms' inputs and outputs (the column-parallel projections' input), as Megatron's estimate has it.
+    """
     d, f, h = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = config.num_key_value_heads * config.head_dim
     norm = (2 * d if fused_layers else 6 * d) + 4  # bf16 input, or fp32 copy + normalised bf16; rstd
@@ -195,7 +200,8 @@ def layer_activation_bytes(config: LlamaConfig, *, fused_layers: bool, document_
     attention = 2 * d + 2 * 2 * kv + 2 * d + 4 * h  # q, k after rotary; v; output (o_proj input); log-sum-exp
     mlp = (4 * f if fused_layers else 6 * f) + 2 * f  # gate, up (+ silu out); their product (down_proj input)
     mask = 2 * seq_len if document_mask else 0  # SDPA keeps its (b, 1, T, T) bf16 mask
-    return 2 * (norm + norm_out) + attention + mlp + mask
+    replicated = 2 * (norm + norm_out)
+    return (attention + mlp + mask) / tp + replicated / (tp if sequence_parallel else 1)
 
 
 def _outside_layers_bytes(config: LlamaConfig, *, fused_layers: bool, loss_kernel: str) -> int:
@@ -275,7 +281,8 @@ class MemoryEstimate:
 def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int, seq_len: int,
              grad_checkpoint: bool, fused_loss: bool = True, tp: int = 1, pp: int = 1, zero: int = 0,
              gpus_per_node: int = 8, fused_layers: bool | None = None, document_mask: bool = False,
-             loss_kernel: str | None = None, offload_optim_frac: float = 0.0, grad_accum: int = 1) -> MemoryEstimate:
+             loss_kernel: str | None = None, offload_optim_frac: float = 0.0, grad_accum: int = 1,
+             sequence_parallel: bool = False) -> MemoryEstimate:
     """Peak memory per GPU of one training configuration.
 
     fused_loss: a fused linear cross-entropy that never holds the logits (else the plain fp32 loss).
@@ -284,12 +291,15 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
     document_mask: SDPA with an explicit document mask (--kernels torch with --attention_scope document).
     kernel_memory_flags() gives loss_kernel, fused_layers and document_mask for a --kernels preset.
     offload_optim_frac: -p gemini only. grad_accum > 1 keeps the previous micro-batches' gradients alive.
+    sequence_parallel: hybrid_parallel with --sequence_parallel: activations along the sequence split over tp too.
     """
     _check_layout(config, plugin, n_gpus, tp, pp, zero, offload_optim_frac, gpus_per_node)
     if loss_kernel is None:
         loss_kernel = "fused_linear" if fused_loss else "plain"
     if loss_kernel not in ("plain", "fused_linear", "fused_ce"):
         raise ValueError(f"unknown loss_kernel '{loss_kernel}': expected plain, fused_linear or fused_ce")
+    if plugin == "hybrid_parallel" and tp > 1:
+        loss_kernel = "plain"  # model/policy.py's vocabulary-parallel loss: each rank's fp32 logits slice
     if fused_layers is None:
         fused_layers = fused_loss
     if plugin == "gemini_offload":
@@ -343,11 +353,13 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
 
     # Activations of the GPU that holds the most: 1F1B keeps pp micro-batches on the first stage.
     in_flight = pp if hybrid else 1
-    layer = layer_activation_bytes(config, fused_layers=fused_layers, document_mask=document_mask, seq_len=seq_len)
-    per_layer_saved = 2 * config.hidden_size if grad_checkpoint else layer  # checkpoint keeps the layer input
-    saved = tokens * (in_flight * layers_per_stage * per_layer_saved / tp
-                      + _outside_layers_bytes(config, fused_layers=fused_layers, loss_kernel=loss_kernel) / tp)
-    recompute = tokens * layer / tp if grad_checkpoint else 0.0
+    layer = layer_activation_bytes(config, fused_layers=fused_layers, document_mask=document_mask, seq_len=seq_len,
+                                   tp=tp, sequence_parallel=sequence_parallel)
+    split = tp if sequence_parallel else 1  # what lies along the sequence: layer inputs, the final norm
+    per_layer_saved = 2 * config.hidden_size / split if grad_checkpoint else layer  # checkpoint keeps the input
+    saved = tokens * (in_flight * layers_per_stage * per_layer_saved
+                      + _outside_layers_bytes(config, fused_layers=fused_layers, loss_kernel=loss_kernel) / split)
+    recompute = tokens * layer if grad_checkpoint else 0.0
     workspace = tokens * _backward_workspace_bytes(config) / tp
     loss = _loss_bytes(config, tokens, loss_kernel, tp)
 

@@ -97,12 +97,15 @@ def test_tensor_and_pipeline_parallel_divide_model_states():
     tp2 = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=2, pp=2, zero=0)
     tp4 = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=4, pp=2, zero=0)
     assert base.params == pytest.approx(2 * tp2.params, rel=0.01) == pytest.approx(4 * tp4.params, rel=0.01)
-    assert base.activations == pytest.approx(2 * tp2.activations, rel=0.01)
+    # without sequence parallelism every tp rank keeps the norms' inputs and outputs whole; with it, all is split
+    assert base.activations / 2 < tp2.activations < 0.7 * base.activations
+    split = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=2, pp=2, zero=0, sequence_parallel=True)
+    assert base.activations == pytest.approx(2 * split.activations, rel=0.02)  # tp 2 keeps the final norm's output
     pp1 = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=2, pp=1, zero=0, micro_batch=16)
     pp4 = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=2, pp=4, zero=0, micro_batch=16)
     assert pp1.params / pp4.params == pytest.approx(4, rel=0.05)  # the largest stage: a quarter, plus the embedding
     # 1F1B: the first stage holds pp micro-batches of L/pp layers, so activations barely change with pp.
-    assert pp1.peak_phase == pp4.peak_phase == "layer backward"
+    assert pp1.peak_phase == pp4.peak_phase
     assert pp4.activations == pytest.approx(pp1.activations, rel=0.05)
     zero1 = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=2, pp=2, zero=1)
     assert zero1.optimizer == pytest.approx(tp2.optimizer / 2, rel=0.01)  # sharded over dp = 2
@@ -133,6 +136,20 @@ ANCHORS = [("zero2", 8, True, 1, 35.1), ("zero2", 16, True, 1, 55.7), ("zero2", 
 def test_tinyllama_anchors_within_five_percent(plugin, micro, fused, gpus, measured_gib):
     e = est(plugin=plugin, micro_batch=micro, fused_loss=fused, n_gpus=gpus)
     assert e.allocated_gib == pytest.approx(measured_gib, rel=0.05)
+
+
+# The suite's own 7b at sequence 4096, micro batch 2 (pp2: 8 rows in micro-batches of 1), --kernels auto, on two
+# H200s (benchmark.py, 2026-11-23): measured peak allocated GiB per GPU.
+SEVEN_B_ON_TWO_H200 = [(dict(plugin="gemini"), 2, 82.15), (dict(plugin="zero2"), 2, 83.35),
+                       (dict(plugin="hybrid_parallel", zero=1), 2, 83.35),
+                       (dict(plugin="hybrid_parallel", tp=2), 2, 71.95),
+                       (dict(plugin="hybrid_parallel", pp=2), 1, 66.62)]
+
+
+@pytest.mark.parametrize("layout, micro, measured_gib", SEVEN_B_ON_TWO_H200)
+def test_seven_b_on_two_gpus_within_ten_percent(layout, micro, measured_gib):
+    e = est("7b", n_gpus=2, micro_batch=micro, seq_len=4096, **layout, **planner.kernel_memory_flags("auto"))
+    assert e.allocated_gib == pytest.approx(measured_gib, rel=0.10)
 
 
 # ---- recommendations ----------------------------------------------------------------------------------------
