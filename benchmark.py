@@ -4,15 +4,18 @@ Prints one JSON line per run: tokens/s/GPU, MFU, TFLOPS/GPU (also under Colossal
 peak GPU and host memory. `--baseline hf` then runs transformers' LlamaForCausalLM (SDPA) through the same plugin,
 batch and loop in the same process, prints its line, and a last line with the suite's speedup over it and the
 ratio of their peak GPU memory (suite / hf). host_mem_gib is the process's peak, which cannot be reset, so the
-baseline's line leaves it out.
+baseline's line leaves it out. `--profile DIR` profiles a few steps (training/profiling.py); the JSON line's
+throughput then includes the profiler's overhead.
 
   torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --max_steps 20
   torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --baseline hf
   python -m training.batch_search --max_batch 32 -- -c 1b -p zero2 -l 2048    # the fastest micro batch
+  torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --profile runs/profile
 """
 import argparse
 import gc
 import json
+from contextlib import nullcontext
 
 import torch
 
@@ -21,6 +24,7 @@ from training.baseline import build_hf_model, check_plugin
 from training.data import SyntheticLoader
 from training.loop import Trainer
 from training.plugins import data_parallel_rank
+from training.profiling import check_steps, step_profiler
 from training.setup import resolve_run, run_config
 
 
@@ -33,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     flags.add_output_flags(p)
     p.add_argument("--baseline", choices=("hf",), default=None,
                    help="also run transformers' LlamaForCausalLM (SDPA) the same way, and print the ratios")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="profile a few steps of the suite's run: Chrome traces in DIR and a table of the top kernels")
     p.set_defaults(max_steps=20, tensorboard_dir=None, attention_scope="sequence")
     return p
 
@@ -41,6 +47,8 @@ def main(argv=None) -> None:
     given = parser().parse_args(argv)
     if given.baseline == "hf":
         check_plugin(given.plugin)  # before resolve_run, whose checks would hide this under other refusals
+    if given.profile:
+        check_steps(given.max_steps)
     args, config, rank, world_size = resolve_run(parser(), argv)
     emit = _printer(rank)
     suite = emit(measure(args, config, rank, world_size, model_impl="suite", kernels=args.kernels))
@@ -63,7 +71,11 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
     loader = SyntheticLoader(config.vocab_size, args.max_length, args.batch_size, seed=args.seed + data_rank)
     trainer = Trainer(args, config, loader, rank=rank, world_size=world_size, total_steps=args.max_steps,
                       run_config=run_config(args, config, world_size), model_builder=model_builder)
-    trainer.fit(save_at_end=False)
+    profiling = args.profile and model_impl == "suite"
+    with step_profiler(args.profile, rank) if profiling else nullcontext() as profiler:
+        if profiling:
+            trainer.step_hooks.append(profiler.step)
+        trainer.fit(save_at_end=False)
     summary = trainer.summary
     tokens_per_s = summary.get("tokens_per_s_per_gpu", 0.0)
     return {

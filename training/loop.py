@@ -107,6 +107,7 @@ class Trainer:
         self.run_config = run_config or {}
         self.checkpoints = CheckpointManager(args.save_dir, args.keep_last, rank)
         self.preempted = PreemptionFlag()
+        self.step_hooks: list = []  # called with no arguments after every optimizer step (e.g. a profiler's step)
         self._build(initial_weights)
         if validation is not None and self.pipelined:
             raise SystemExit("error: --eval_interval: validation runs a plain forward, which a pipeline (--pp > 1) "
@@ -248,6 +249,8 @@ class Trainer:
                 self.state.val_loss = None
                 self.state.tokens_seen += tokens_per_step
                 throughput.step_done(tokens_per_step)
+                for hook in self.step_hooks:
+                    hook()
                 losses.append(result.loss)
                 self.scheduler.step()  # the schedule follows the data: a skipped step still consumed its batches
                 if not self._check_finite(result):

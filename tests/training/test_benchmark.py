@@ -1,5 +1,5 @@
-"""benchmark.py on the CPU: the HF baseline (its loss convention, its JSON lines, its refusals) and the micro-batch
-search (its doubling and stopping, with a fake launcher and one real one)."""
+"""benchmark.py on the CPU: the HF baseline (its loss convention, its JSON lines, its refusals), --profile, and the
+micro-batch search (its doubling and stopping, with a fake launcher and one real one)."""
 import argparse
 import json
 import os
@@ -44,6 +44,21 @@ def test_hf_baseline_loss_equals_suite_loss_on_shifted_labels():
         unshifted = ids.clone()
         unshifted[0, 1:6] = -100  # HF shifts its labels itself: the same targets, one place later
         torch.testing.assert_close(loss, hf.hf(ids, labels=unshifted).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_profile_writes_a_trace_and_prints_the_top_operators(tmp_path):
+    result = ok(run("benchmark.py", *BENCH[:-1], "6", "-b", "2", "--profile", str(tmp_path / "profile")))
+    trace = json.loads((tmp_path / "profile" / "trace-rank0.json").read_text())
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])  # the layers' matmuls
+    assert "profile of steps 4-6" in result.stdout and "Self CPU time total" in result.stdout
+    assert len(json_lines(result)) == 1
+
+
+def test_profile_refuses_too_few_steps():
+    result = run("benchmark.py", *BENCH, "-b", "2", "--profile", "unused")
+    assert result.returncode != 0
+    assert last_error_line(result) == ("error: --profile needs --max_steps 6 or more (it skips 3 steps, then "
+                                       "profiles 3), not 3")
 
 
 @pytest.mark.slow
