@@ -119,18 +119,29 @@ class PretrainLoader:
                 "batch_size": self.batch_size, "world_size": self.world_size, **self._schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "pretrain" or state.get("version") != STATE_VERSION:
-            raise DataError(f"not a pretraining loader state (kind={state.get('kind')!r}, "
-                            f"version={state.get('version')!r}); resume with the loader that saved it")
-        if state["seq_len"] != self.seq_len:
-            raise DataError(f"the data state was saved with seq_len {state['seq_len']}, this run has "
-                            f"{self.seq_len}; resume with the same seq_len")
-        saved_held_out = state.get("held_out", 0.0)  # states saved before validation existed held nothing out
-        if saved_held_out != self.held_out:
-            raise DataError(f"the data state was saved with {saved_held_out:.2%} of each source held out for "
-                            f"validation, this run holds out {self.held_out:.2%}; resume with the same "
-                            f"--eval_fraction ({saved_held_out:g})")
+        check_saved_state(state, kind="pretrain", settings={"seq_len": self.seq_len}, held_out=self.held_out,
+                          held_out_of="each source")
         self._schedule.load_state_dict(state)
+
+
+def check_saved_state(state: dict, *, kind: str, settings: dict, held_out: float, held_out_of: str) -> None:
+    """One clear DataError when a loader's saved state is another kind of loader's, or was saved with other
+    settings (e.g. seq_len) or another held-out fraction than this run's; the schedule checks the rest."""
+    if state.get("kind") != kind or state.get("version") != STATE_VERSION:
+        raise DataError(f"not a {kind} loader state (kind={state.get('kind')!r}, version={state.get('version')!r}); "
+                        "resume with the loader that saved it")
+    saved = {name: state[name] for name in settings}
+    if saved != settings:
+        def listed(values):
+            return ", ".join(f"{name} {value}" for name, value in values.items())
+
+        raise DataError(f"the data state was saved with {listed(saved)}, this run has {listed(settings)}; resume "
+                        "with the same settings")
+    saved_held_out = state.get("held_out", 0.0)  # states saved before validation existed held nothing out
+    if saved_held_out != held_out:
+        raise DataError(f"the data state was saved with {saved_held_out:.2%} of {held_out_of} held out for "
+                        f"validation, this run holds out {held_out:.2%}; resume with the same --eval_fraction "
+                        f"({saved_held_out:g})")
 
 
 def rank_slots(n: int, batch_size: int, rank: int, world_size: int):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from corpus.errors import DataError
-from corpus.loader import STATE_VERSION, check_held_out, check_ranks, rank_slots
+from corpus.loader import STATE_VERSION, check_held_out, check_ranks, check_saved_state, rank_slots
 from corpus.mixture import Schedule
 from corpus.order import permute
 from corpus.packing import pack_lengths, window_arrays
@@ -228,18 +228,10 @@ class SFTLoader:
                 **self._schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "sft" or state.get("version") != STATE_VERSION:
-            raise DataError(f"not a finetuning loader state (kind={state.get('kind')!r}); resume with the "
-                            "loader that saved it")
-        if state["seq_len"] != self.seq_len or state["pack"] != self.pack:
-            raise DataError(f"the data state was saved with seq_len {state['seq_len']}, pack {state['pack']}; "
-                            f"this run has {self.seq_len}, {self.pack}: resume with the same settings")
-        saved_held_out = state.get("held_out", 0.0)  # states saved before validation existed held nothing out
-        if saved_held_out != self.held_out:
-            raise DataError(f"the data state was saved with {saved_held_out:.2%} of the examples held out for "
-                            f"validation, this run holds out {self.held_out:.2%}; resume with the same "
-                            f"--eval_fraction ({saved_held_out:g})")
+        check_saved_state(state, kind="sft", settings={"seq_len": self.seq_len, "pack": self.pack},
+                          held_out=self.held_out, held_out_of="the examples")
         self._schedule.load_state_dict(state)
+        self._tokens_seen = int(state["tokens_seen"])
         self._tokens_seen = int(state["tokens_seen"])
 
 

@@ -98,6 +98,20 @@ def test_over_long_examples_are_truncated_and_counted(tmp_path, tok, caplog):
     assert any(t.startswith("y" * 20) for t in label_texts(batch, tok))
 
 
+def test_state_of_other_settings_or_another_loader_is_a_clear_error(files, tok):
+    paths = list(files)
+    loader = make(paths, tok)
+    next(loader)
+    state = loader.state_dict()
+    with pytest.raises(DataError, match=f"saved with seq_len {SEQ}, pack True, this run has seq_len {2 * SEQ}, pack True"):
+        make(paths, tok, seq_len=2 * SEQ).load_state_dict(state)
+    with pytest.raises(DataError, match="not a sft loader state"):
+        make(paths, tok).load_state_dict({**state, "kind": "pretrain"})
+    resumed = make(paths, tok)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # tokens seen included
+
+
 def test_exact_resume_and_other_rank_counts(files, tok):
     paths = list(files)
     straight = [next(make(paths, tok, batch_size=8)) for _ in range(1)]
