@@ -63,21 +63,10 @@ plugins)
         pretrain_and_resume "$plugin" 1 "$@"
     done
     [ -d "$WORK/ckpt-gemini-1" ] || exit 0
-    run export $PY export_hf.py "$WORK/ckpt-gemini-1" "$WORK/hf-gemini" --dtype float32
-    run export-parity $PY - "$WORK/hf-gemini" <<'EOF'
-import sys, torch, transformers
-from model.config import LlamaConfig
-from model.hf_io import load_hf_checkpoint
-from model.llama import LlamaForCausalLM
-config, state = load_hf_checkpoint(sys.argv[1])
-ours = LlamaForCausalLM(config).eval().cuda(); ours.load_state_dict(state)
-theirs = transformers.LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval().cuda()
-ids = torch.randint(0, 4096, (2, 256), device="cuda")
-with torch.no_grad():
-    diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-print(f"done: exported gemini checkpoint loads in transformers; max |logit difference| {diff:.2e}")
-assert diff < 1e-3
-EOF
+    run export-parity $PY -c "import sys; sys.path.insert(0, 'tests/training')
+from entry_points import assert_export_gives_suite_logits
+assert_export_gives_suite_logits('$WORK/ckpt-gemini-1', '$WORK/hf-gemini', seq_len=64)
+print('done: the exported gemini checkpoint loads in transformers with the suite logits')"
     ;;
 bench)
     for preset in ${PRESETS:-torch liger auto}; do

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import torch
+from entry_points import ROOT
 
 from corpus.sample import SamplePaths, build_sample
 
-ROOT = Path(__file__).resolve().parents[2]
 # Every run: the tiny model in bf16, the same seed and batches, a loss logged at every step.
 TINY = ["-c", "tiny", "-x", "bf16", "-b", "4", "-l", "256", "--lr", "1e-3", "-s", "2", "--seed", "42",
         "--log_interval", "1", "--data_workers", "1"]

@@ -2,16 +2,15 @@
 micro-batch search (its doubling and stopping, with a fake launcher and one real one)."""
 import argparse
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from entry_points import run_script
 
 from model.config import CONFIGS
 from model.llama import LlamaForCausalLM
-from tests.training.test_pretrain_cpu import ROOT, last_error_line, ok
+from tests.training.test_pretrain_cpu import last_error_line, ok
 from training import batch_search
 from training.baseline import build_hf_model
 
@@ -20,8 +19,7 @@ RUN_FIELDS = {"model_impl", "kernels", "plugin", "micro_batch", "tokens_per_s_pe
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_script(*command, check=False, timeout=300)
 
 
 def json_lines(result: subprocess.CompletedProcess) -> list[dict]:

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from entry_points import ROOT
 
 from corpus.sample import build_sample
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,13 @@
 """Validation in pretrain.py and finetune.py, eval.py on suite and exported HF checkpoints, and the loss picture."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from entry_points import run_script as run
 
 from corpus.sample import build_sample
 from training.plots import read_scalars
 
-ROOT = Path(__file__).resolve().parents[2]
 EVAL = ["--eval_fraction", "0.05", "--eval_tokens", "4096"]
-
-
-def run(script: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")

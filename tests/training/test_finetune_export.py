@@ -1,29 +1,13 @@
 """export_hf.py and finetune.py on the CPU, from a short pretraining run of the tiny model."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
+from entry_points import assert_export_gives_suite_logits
+from entry_points import run_script as run
 
 from corpus.sample import build_sample
-from model.config import LlamaConfig
-from model.hf_io import load_hf_state_dict
-from model.llama import LlamaForCausalLM
-from training.checkpoint import model_folder
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(script: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +23,13 @@ def pretrained(tmp_path_factory):
 
 def test_export_loads_in_transformers_with_the_suites_logits(pretrained, tmp_path):
     checkpoint, _ = pretrained
-    run("export_hf.py", checkpoint, tmp_path / "hf", "--dtype", "float32")
-    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    folder = model_folder(checkpoint)
-    ours = LlamaForCausalLM(LlamaConfig.from_name(str(folder))).eval()
-    ours.load_state_dict(load_hf_state_dict(folder))
-    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_export_gives_suite_logits(checkpoint, tmp_path / "hf", seq_len=32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("def main():\n    return 1", add_special_tokens=False)["input_ids"]
 
 
 def test_export_of_a_missing_checkpoint_is_one_clear_line(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "export_hf.py", tmp_path / "nothing", tmp_path / "out"], cwd=ROOT,
-                            env=env, capture_output=True, text=True)
+    result = run("export_hf.py", tmp_path / "nothing", tmp_path / "out", check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nothing'}")
 

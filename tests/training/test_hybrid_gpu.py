@@ -7,12 +7,10 @@ reference; each two-GPU layout's losses must match it step by step within bf16 t
 
   . .whl/gpu-env.sh && python3 -m pytest -m gpu -s tests/training/test_hybrid_gpu.py
 """
-import subprocess
-import sys
-
 import pytest
 import torch
-from gpu_runs import ROOT, assert_losses_match, logged_losses, pretrain, reference_losses, sample_work
+from entry_points import assert_export_gives_suite_logits
+from gpu_runs import assert_losses_match, logged_losses, pretrain, reference_losses, sample_work
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
@@ -65,13 +63,6 @@ def test_fused_kernels_under_tensor_and_pipeline_parallelism(work, layout):
 def test_checkpoint_saved_on_two_gpus_resumes_on_one_and_exports(work, saved, tmp_path):
     """Steps 1-10 under tp=2 (or pp=2), saved; steps 11-20 resumed from that checkpoint on one GPU (tp = pp = 1):
     the one-GPU run's losses. Then export_hf.py: transformers loads the export with the suite's logits."""
-    import transformers
-
-    from model.config import LlamaConfig
-    from model.hf_io import load_hf_state_dict
-    from model.llama import LlamaForCausalLM
-    from training.checkpoint import model_folder
-
     expected = one_gpu_losses(work)
     half = str(STEPS // 2)
     first = pretrain(work, f"{saved}-first-half", "--max_steps", str(STEPS), "-i", half, "--stop_after", half,
@@ -84,12 +75,4 @@ def test_checkpoint_saved_on_two_gpus_resumes_on_one_and_exports(work, saved, tm
     assert_losses_match(f"{saved} -> one GPU", losses, expected)
 
     saved_checkpoint = checkpoints / f"step-{STEPS // 2:08d}"  # the one written by the two-GPU layout
-    subprocess.run([sys.executable, "export_hf.py", str(saved_checkpoint), str(tmp_path / "hf"), "--dtype",
-                    "float32"], cwd=ROOT, check=True, capture_output=True)
-    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    folder = model_folder(saved_checkpoint)
-    ours = LlamaForCausalLM(LlamaConfig.from_name(str(folder))).eval()
-    ours.load_state_dict(load_hf_state_dict(folder))
-    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    assert_export_gives_suite_logits(saved_checkpoint, tmp_path / "hf", seq_len=64)

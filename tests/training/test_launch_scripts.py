@@ -5,12 +5,12 @@ import re
 from pathlib import Path
 
 import pytest
+from entry_points import ROOT
 
 import benchmark
 from model.config import LlamaConfig
 from training import planner
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(ROOT.glob("scripts/benchmark_*/*.sh"))
 GPU_MEM_GIB = {"A100": 80, "H100": 80, "H200": 141}
 PLANNED = ("zero2", "zero2_cpu", "gemini", "gemini_auto", "hybrid_parallel")  # ddp keeps no plan of its own

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from entry_points import ROOT
 from safetensors.torch import load_file
 
 from corpus.sample import build_sample
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = ["-c", "tiny", "-p", "ddp", "-b", "2", "-l", "64", "--lr", "1e-3", "-s", "2", "--log_interval", "1"]
 
 
