@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from model.config import LlamaConfig
@@ -167,27 +168,45 @@ class Trainer:
         plugins average gradients over the data-parallel ranks, hence the factor data_ranks.
         """
         self.model.train()
-        labelled = [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches]
-        step_labelled = self._sum_over_ranks(torch.tensor(float(sum(labelled)), device=self.device)).item()
-        if self.pipelined:
-            total = self._pipeline_forward_backward(micro_batches, self.data_ranks / step_labelled)
-        else:
-            total = torch.zeros((), device=self.device)
-            for i, batch in enumerate(micro_batches):
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                sync = i == len(micro_batches) - 1
-                with self._no_sync(sync), self.autocast:
-                    loss_sum = self.model(**batch) * labelled[i]
-                self.booster.backward(loss_sum * (self.data_ranks / step_labelled), self.optimizer)
-                total += loss_sum.detach()
-        loss_value = self._sum_over_ranks(total).item() / step_labelled
+        with record_function("forward_backward"):
+            # counted on the host (the loader's tensors are CPU tensors): no wait for the GPU here
+            labelled = [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches]
+            step_labelled = self._labelled_over_ranks(sum(labelled))
+            if self.pipelined:
+                total = self._pipeline_forward_backward(micro_batches, self.data_ranks / step_labelled)
+            else:
+                total = torch.zeros((), device=self.device)
+                for i, batch in enumerate(micro_batches):
+                    batch = {k: self._to_device(v) for k, v in batch.items()}
+                    sync = i == len(micro_batches) - 1
+                    with self._no_sync(sync), self.autocast:
+                        loss_sum = self.model(**batch) * labelled[i]
+                    self.booster.backward(loss_sum * (self.data_ranks / step_labelled), self.optimizer)
+                    total += loss_sum.detach()
+            # the step's one wait for the GPU: the loss decides whether the optimizer may step
+            loss_value = float(self._sum_over_ranks(total) / step_labelled)
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
             return StepResult(loss_value, None, finite=False)
-        grad_norm = self._clip_and_norm()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        with record_function("optimizer_step"):
+            grad_norm = self._clip_and_norm()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
         return StepResult(loss_value, grad_norm, finite=True)
+
+    def _labelled_over_ranks(self, local: int) -> float | torch.Tensor:
+        """The step's labelled tokens over the data-parallel ranks: a number with one rank, else a tensor on the
+        device, summed there without waiting for it, so the host can go on launching the forward."""
+        if self.data_ranks == 1:
+            return float(local)
+        return self._sum_over_ranks(torch.full((), float(local), device=self.device))
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy a batch tensor to the device without making the host wait: a copy from pageable memory first waits
+        for all the GPU's queued work (the previous optimizer step), one from pinned memory does not."""
+        if self.device.type != "cuda" or tensor.device.type != "cpu":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _pipeline_forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
         """Forward and backward of the step's rows through the pipeline (hybrid_parallel, --pp > 1): one batch,
@@ -197,7 +216,7 @@ class Trainer:
         The schedule divides each micro-batch's criterion by their number; the criterion weighs each micro-batch's
         mean loss by its labelled tokens, as train_step weighs the loader's batches.
         """
-        batch = {k: torch.cat([b[k] for b in micro_batches]).to(self.device) for k in micro_batches[0]}
+        batch = {k: self._to_device(torch.cat([b[k] for b in micro_batches])) for k in micro_batches[0]}
         num_micro_batches = batch["labels"].shape[0] // self.args.microbatch_size
         total = torch.zeros((), device=self.device)
 
