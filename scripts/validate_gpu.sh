@@ -6,7 +6,8 @@
 #                                            and resumed
 #                                            (PLUGINS="zero2 gemini" picks some; default all but hybrid_parallel)
 #   bash scripts/validate_gpu.sh bench       benchmark.py JSON lines: 1b at sequence 2048, zero2 and gemini, presets
-#   bash scripts/validate_gpu.sh two_gpu     the plugins and bench stages for gemini and zero2 on every GPU present
+#   bash scripts/validate_gpu.sh two_gpu     the plugins and bench stages for gemini and zero2 (or PLUGINS) on every
+#                                            GPU present
 # Extra arguments go to every pretrain.py/benchmark.py call. On the project's offline GPU hosts, source
 # .whl/gpu-env.sh first (../shared/device/README.md).
 set -uo pipefail
@@ -76,7 +77,7 @@ bench)
     done
     ;;
 two_gpu)
-    for plugin in zero2 gemini; do
+    for plugin in ${PLUGINS:-zero2 gemini}; do
         pretrain_and_resume "$plugin" "$GPUS" "$@"
         bench "$plugin-auto-${GPUS}gpu" "$GPUS" -p "$plugin" -b 8 --kernels auto "$@"
     done
