@@ -232,7 +232,6 @@ class SFTLoader:
                           held_out=self.held_out, held_out_of="the examples")
         self._schedule.load_state_dict(state)
         self._tokens_seen = int(state["tokens_seen"])
-        self._tokens_seen = int(state["tokens_seen"])
 
 
 def held_out_records(num_records: int, held_out: float) -> np.ndarray:
