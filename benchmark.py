@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=("hf",), default=None,
                    help="also run transformers' LlamaForCausalLM (SDPA) the same way, and print the ratios")
     p.add_argument("--profile", metavar="DIR", default=None,
-                   help="profile a few steps of the suite's run: Chrome traces in DIR and a table of the top kernels")
+                   help="profile a few steps of the suite's run: Chrome traces in DIR, a table of the top kernels "
+                        "and a GPU timeline summary (busy fraction, time per kernel kind and step phase, idle gaps)")
     p.set_defaults(max_steps=20, tensorboard_dir=None, attention_scope="sequence")
     return p
 

@@ -9,6 +9,7 @@ and the kernel that ended it. Idle GPU time is what the host costs: Python launc
 """
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from pathlib import Path
@@ -91,7 +92,8 @@ def timeline_summary(trace_path: str | Path) -> dict | None:
     busy, gaps = _union_length(intervals)
     by_kind: dict[str, float] = {}
     for event in gpu:
-        by_kind[kernel_kind(event)] = by_kind.get(kernel_kind(event), 0.0) + float(event["dur"])
+        kind = kernel_kind(event)
+        by_kind[kind] = by_kind.get(kind, 0.0) + float(event["dur"])
     # The GPU-side spans of the loop's ranges (kineto projects record_function ranges onto the GPU timeline).
     phases = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
               if e.get("cat") == "gpu_user_annotation" and e.get("name") in PHASES]
@@ -106,17 +108,21 @@ def timeline_summary(trace_path: str | Path) -> dict | None:
         entry = per_phase.setdefault(name, {"wall_ms": 0.0, "busy_ms": 0.0})
         entry["wall_ms"] += (end - start) / 1e3
         entry["busy_ms"] += phase_busy / 1e3
-    starts = sorted((float(e["ts"]), e["name"]) for e in gpu)
-    next_kernel = {}
-    for gap_start, gap_end in gaps:
-        next_kernel[(gap_start, gap_end)] = next((name for ts, name in starts if ts >= gap_end), "")
     longest = sorted(gaps, key=lambda g: g[0] - g[1])[:TOP_GAPS]
+    starts = sorted((float(e["ts"]), e["name"]) for e in gpu)
+    start_times = [ts for ts, _ in starts]
+
+    def kernel_after(time: float) -> str:  # the first GPU event to start at or after `time`
+        index = bisect.bisect_left(start_times, time)
+        return starts[index][1] if index < len(starts) else ""
+
     return {
         "wall_ms": (last - first) / 1e3, "busy_ms": busy / 1e3, "busy_fraction": busy / (last - first),
         "by_kind_ms": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "phases": per_phase,
-        "longest_gaps": [{"ms": (end - start) / 1e3, "at_ms": (start - first) / 1e3, "phase": phase_at((start + end) / 2),
-                          "next_kernel": next_kernel[(start, end)][:80]} for start, end in longest],
+        "longest_gaps": [{"ms": (end - start) / 1e3, "at_ms": (start - first) / 1e3,
+                          "phase": phase_at((start + end) / 2), "next_kernel": kernel_after(end)[:80]}
+                         for start, end in longest],
     }
 
 
