@@ -77,6 +77,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def compile_each(layers: nn.ModuleList) -> None:
+    """torch.compile every layer in place, for fixed shapes (a training run's shapes do not change)."""
+    for layer in layers:
+        layer.compile(dynamic=False)
+
+
 class LlamaModel(nn.Module):
     """The decoder stack; named `model` inside LlamaForCausalLM as in Hugging Face checkpoints."""
 
@@ -115,8 +121,7 @@ class LlamaForCausalLM(nn.Module):
         """torch.compile each decoder layer in place, fusing what the kernels leave apart (residual adds, casts, and
         with the torch kernels the norms, rotary and SwiGLU). In place, so parameter names, and with them
         checkpoints, stay those of Hugging Face; compilation itself happens at the first forward."""
-        for layer in self.model.layers:
-            layer.compile(dynamic=False)
+        compile_each(self.model.layers)
 
     def _init_weights(self, module):
         # The initialisation of transformers' Llama: normal(0, initializer_range), norms at one.

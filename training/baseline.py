@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import LlamaConfig
+from model.llama import compile_each
 from model.kernels.loss import IGNORE_INDEX
 
 
@@ -59,6 +60,5 @@ def build_hf_model(args: argparse.Namespace, config: LlamaConfig, kernels=None) 
     if args.grad_checkpoint:
         model.activation_checkpointing_enable()
     if args.compile:
-        for layer in model.model.layers:
-            layer.compile(dynamic=False)
+        compile_each(model.model.layers)
     return HFLlama(model)
