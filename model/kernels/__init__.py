@@ -19,9 +19,10 @@ from typing import Callable
 
 import torch
 
-from . import attention, loss, rmsnorm, rotary, swiglu
+from . import add_rmsnorm, attention, loss, rmsnorm, rotary, swiglu, swiglu_packed
 
-OPS = {"attention": attention, "rms_norm": rmsnorm, "rotary": rotary, "swiglu": swiglu, "loss": loss}
+OPS = {"attention": attention, "rms_norm": rmsnorm, "add_rms_norm": add_rmsnorm, "rotary": rotary, "swiglu": swiglu,
+       "swiglu_packed": swiglu_packed, "loss": loss}
 OP_TABLES = {op: module.BACKENDS for op, module in OPS.items()}
 
 # How to install each package a backend may need.
@@ -34,12 +35,21 @@ PIP_HINTS = {
 # A preset names one backend per op; per-op overrides replace single entries. `auto` is decided by `auto_preset`.
 PRESETS = {
     # The slow, explicit references every fast path is checked against.
-    "reference": {"attention": "math", "rms_norm": "torch", "rotary": "torch", "swiglu": "torch", "loss": "torch"},
-    "torch": {"attention": "sdpa", "rms_norm": "torch", "rotary": "torch", "swiglu": "torch", "loss": "torch"},
-    "liger": {"attention": "sdpa", "rms_norm": "liger", "rotary": "liger", "swiglu": "liger", "loss": "liger"},
-    "flash_attn": {"attention": "flash_attn", "rms_norm": "flash_attn", "rotary": "flash_attn",
-                   "swiglu": "flash_attn", "loss": "flash_attn"},
+    "reference": {"attention": "math", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch",
+                  "swiglu": "torch", "swiglu_packed": "torch", "loss": "torch"},
+    "torch": {"attention": "sdpa", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch", "swiglu": "torch",
+              "swiglu_packed": "torch", "loss": "torch"},
+    # The suite's own Triton kernels fill two slots: Liger has no SwiGLU for a packed [gate | up] input, and its fused
+    # add + RMSNorm backward runs at 40% of memory bandwidth (triton_rmsnorm.py).
+    "liger": {"attention": "sdpa", "rms_norm": "liger", "add_rms_norm": "triton", "rotary": "liger", "swiglu": "liger",
+              "swiglu_packed": "triton", "loss": "liger"},
+    "flash_attn": {"attention": "flash_attn", "rms_norm": "flash_attn", "add_rms_norm": "flash_attn",
+                   "rotary": "flash_attn", "swiglu": "flash_attn", "swiglu_packed": "flash_attn", "loss": "flash_attn"},
 }
+# What `auto` tries for the ops other than attention, fastest first; the reference `torch` when none is installed.
+AUTO_CANDIDATES = {"rms_norm": ("liger", "flash_attn"), "add_rms_norm": ("triton", "liger", "flash_attn"),
+                   "rotary": ("liger", "flash_attn"), "swiglu": ("liger", "flash_attn"),
+                   "swiglu_packed": ("triton", "flash_attn"), "loss": ("liger", "flash_attn")}
 PRESET_NAMES = (*PRESETS, "auto")
 
 
@@ -49,8 +59,10 @@ class Kernels:
 
     attention: Callable
     rms_norm: Callable
+    add_rms_norm: Callable
     rotary: Callable
     swiglu: Callable
+    swiglu_packed: Callable
     loss: Callable
     names: tuple[tuple[str, str], ...]
     preset: str = ""
@@ -70,8 +82,9 @@ def auto_preset() -> dict[str, str]:
 
     Attention: SDPA's cuDNN backend on Hopper (sm90+), else the flash-attn package, else SDPA's flash backend (sm80+),
     else SDPA's own choice; packed rows go to FlexAttention from the SDPA backends (attention.py). The other ops:
-    Liger, else flash-attn's ops, else the references. `python3 -m model.kernels.bench` times them; on an H100 at
-    the 1b shapes (batch 8 x 2048, forward + backward) it measured, in ms: attention causal sdpa_cudnn 1.89 (sdpa
+    Liger, or the suite's Triton kernels where they beat or fill in for Liger's (AUTO_CANDIDATES), else flash-attn's
+    ops, else the references. `python3 -m model.kernels.bench` times them; on an H100 at the 1b shapes
+    (batch 8 x 2048, forward + backward) it measured, in ms: attention causal sdpa_cudnn 1.89 (sdpa
     1.82, flex 2.71), packed sdpa_cudnn->flex 3.03 (sdpa with a dense mask 4.36); rms_norm liger 1.54 (torch 1.99);
     rotary liger 1.28 (torch 2.14); swiglu liger 1.55 (torch 1.46, but Liger keeps one activation fewer per layer);
     loss liger 13.7 at 0.43 GiB peak (torch 16.9 at 5.86 GiB; liger_ce 10.4 at 1.16 GiB, holding the logits).
@@ -88,8 +101,8 @@ def auto_preset() -> dict[str, str]:
     else:
         attention_name = "sdpa"
     chosen = {"attention": attention_name}
-    for op in ("rms_norm", "rotary", "swiglu", "loss"):
-        chosen[op] = next((name for name in ("liger", "flash_attn") if not missing_packages(op, name)), "torch")
+    for op, candidates in AUTO_CANDIDATES.items():
+        chosen[op] = next((name for name in candidates if not missing_packages(op, name)), "torch")
     return chosen
 
 

@@ -33,8 +33,13 @@ def op_inputs(op: str, config, batch: int, seq: int, doc_ids):
         cos, sin = rotary_tables(torch.arange(seq, device=device).expand(batch, seq), head_dim, config.rope_theta)
         q = randn(batch, seq, config.num_attention_heads, head_dim)
         return [q, randn(batch, seq, config.num_key_value_heads, head_dim), cos, sin], [0, 1]
+    if op == "add_rms_norm":
+        return [randn(batch, seq, d), randn(batch, seq, d), torch.ones(d, device=device, dtype=dtype),
+                config.rms_norm_eps], [0, 1, 2]
     if op == "swiglu":
         return [randn(batch, seq, config.intermediate_size), randn(batch, seq, config.intermediate_size)], [0, 1]
+    if op == "swiglu_packed":
+        return [randn(batch, seq, 2 * config.intermediate_size)], [0]
     if op == "loss":
         labels = torch.randint(0, config.vocab_size, (batch * seq,), device=device)
         return [randn(batch * seq, d), 0.02 * randn(config.vocab_size, d), labels], [0, 1]

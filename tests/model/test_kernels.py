@@ -22,7 +22,8 @@ from model.kernels.hookable import hookable
 from model.kernels.rotary import rotary_tables
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = {"attention": "math", "rms_norm": "torch", "rotary": "torch", "swiglu": "torch", "loss": "torch"}
+REFERENCE = {"attention": "math", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch", "swiglu": "torch",
+             "swiglu_packed": "torch", "loss": "torch"}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -45,7 +46,8 @@ def test_overrides_replace_single_ops():
     assert dict(chosen.names)["attention"] == "math"
     assert chosen.attention is OP_TABLES["attention"]["math"]
     assert chosen.rms_norm is OP_TABLES["rms_norm"]["torch"]
-    assert chosen.describe() == "torch (attention=math, rms_norm=torch, rotary=torch, swiglu=torch, loss=torch)"
+    assert chosen.describe() == ("torch (attention=math, rms_norm=torch, add_rms_norm=torch, rotary=torch, "
+                                 "swiglu=torch, swiglu_packed=torch, loss=torch)")
 
 
 def test_unknown_names_are_clear_errors():
@@ -94,8 +96,10 @@ def test_auto_without_cuda_is_the_torch_preset(monkeypatch):
 
 
 @pytest.mark.parametrize("capability, installed, expected", [
-    ((9, 0), True, {"attention": "sdpa_cudnn", "rms_norm": "liger", "loss": "liger"}),
-    ((9, 0), False, {"attention": "sdpa_cudnn", "rms_norm": "torch", "loss": "torch"}),
+    ((9, 0), True, {"attention": "sdpa_cudnn", "rms_norm": "liger", "add_rms_norm": "triton",
+                    "swiglu_packed": "triton", "loss": "liger"}),
+    ((9, 0), False, {"attention": "sdpa_cudnn", "rms_norm": "torch", "add_rms_norm": "torch",
+                     "swiglu_packed": "torch", "loss": "torch"}),
     ((8, 0), True, {"attention": "flash_attn", "rms_norm": "liger", "loss": "liger"}),
     ((8, 0), False, {"attention": "sdpa_flash", "rms_norm": "torch", "loss": "torch"}),
     ((7, 0), False, {"attention": "sdpa", "rms_norm": "torch", "loss": "torch"}),
@@ -289,10 +293,13 @@ def fake_flash_attn(monkeypatch):
         losses = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
         return losses, torch.zeros_like(losses)
 
-    def rms_norm_fn(x, weight, bias, eps=1e-6):
+    def rms_norm_fn(x, weight, bias, residual=None, eps=1e-6, prenorm=False):
         assert bias is None
+        if residual is not None:
+            x = x + residual
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        return (out, x) if prenorm else out
 
     modules = {
         "flash_attn": dict(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func),
@@ -307,7 +314,8 @@ def fake_flash_attn(monkeypatch):
 
 
 FLASH_ATTN_CASES = [("attention", "flash_attn"), ("attention", "flash_attn_varlen"), ("rms_norm", "flash_attn"),
-                    ("rotary", "flash_attn"), ("swiglu", "flash_attn"), ("loss", "flash_attn")]
+                    ("add_rms_norm", "flash_attn"), ("rotary", "flash_attn"), ("swiglu", "flash_attn"),
+                    ("swiglu_packed", "flash_attn"), ("loss", "flash_attn")]
 
 
 @pytest.mark.parametrize("op, backend", FLASH_ATTN_CASES, ids=[f"{op}-{b}" for op, b in FLASH_ATTN_CASES])
@@ -336,6 +344,10 @@ def op_cases(op: str, dtype: torch.dtype, device: str, small: bool = False) -> l
     if op == "rms_norm":
         weight = 1 + 0.1 * randn(hidden)
         return [{"name": "rms_norm", "args": [randn(batch, seq, hidden), weight, 1e-5], "grad": [0, 1]}]
+    if op == "add_rms_norm":
+        weight = 1 + 0.1 * randn(hidden)
+        return [{"name": "add_rms_norm", "args": [randn(batch, seq, hidden), randn(batch, seq, hidden), weight, 1e-5],
+                 "grad": [0, 1, 2]}]
     if op == "rotary":
         doc_ids = packed_doc_ids(batch, seq, [[10, 33], [40]] if small else DOCS)
         positions = torch.arange(seq).expand(batch, seq) - _document_starts(doc_ids)
@@ -345,6 +357,8 @@ def op_cases(op: str, dtype: torch.dtype, device: str, small: bool = False) -> l
     if op == "swiglu":
         return [{"name": "swiglu", "args": [randn(batch, seq, 2 * hidden), randn(batch, seq, 2 * hidden)],
                  "grad": [0, 1]}]
+    if op == "swiglu_packed":
+        return [{"name": "swiglu_packed", "args": [randn(batch, seq, 4 * hidden)], "grad": [0]}]
     if op == "loss":
         vocab = 300 if small else 1000  # not a power of two
         labels = torch.randint(0, vocab, (batch * seq,), generator=generator)
