@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import LlamaConfig
 from .kernels import Kernels, resolve_kernels
 from .kernels.attention import document_ids
+from .kernels.concat_linear import concat_linear
 from .kernels.rotary import rotary_tables
 
 
@@ -27,6 +28,19 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return self.kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x, residual):
+        """(norm(x + residual), x + residual), the add fused into the norm's kernel."""
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def project(x, *linears: nn.Module):
+    """Each linear applied to x. Plain bias-free nn.Linear layers share one GEMM (kernels/concat_linear.py); others,
+    such as colossalai's tensor-parallel layers put in by model/policy.py, run one by one."""
+    if all(type(linear) is nn.Linear and linear.bias is None for linear in linears):
+        fused = concat_linear(x, *(linear.weight for linear in linears))
+        return fused.split([linear.out_features for linear in linears], dim=-1)
+    return tuple(linear(x) for linear in linears)
 
 
 class Attention(nn.Module):
@@ -41,11 +55,12 @@ class Attention(nn.Module):
         self.kernels = kernels
 
     def forward(self, x, cos, sin, doc_ids):
-        q = self.q_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         batch, seq = q.shape[:2]  # not x's: under sequence parallelism x holds a slice of the sequence
         q = q.view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        # a copy of v's few columns, so the attention saves it rather than a view that keeps q, k, v's whole output
+        v = v.contiguous().view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = self.kernels.rotary(q, k, cos, sin)
         out = self.kernels.attention(q, k, v, doc_ids)  # (B, T, H, D)
         return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
@@ -61,7 +76,11 @@ class MLP(nn.Module):
         self.kernels = kernels
 
     def forward(self, x):
-        return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+            # one GEMM whose output (..., 2F) is [gate | up], activated in that layout (kernels/swiglu_packed.py)
+            gate_up = concat_linear(x, self.gate_proj.weight, self.up_proj.weight)
+            return self.down_proj(self.kernels.swiglu_packed(gate_up))
+        return self.down_proj(self.kernels.swiglu(*project(x, self.gate_proj, self.up_proj)))
 
 
 class DecoderLayer(nn.Module):
@@ -72,9 +91,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.mlp = MLP(config, kernels)
 
-    def forward(self, x, cos, sin, doc_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, doc_ids, residual=None):
+        """The residual stream travels as two tensors whose sum it is, (x, residual), or x alone when residual is
+        None. Returns (this layer's MLP output, the stream before it): the last add stays pending, for the next
+        layer's input norm to do inside its kernel (RMSNorm.add_and_norm), as the add after attention is here."""
+        if residual is None:
+            residual, normed = x, self.input_layernorm(x)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(x, residual)
+        attention_out = self.self_attn(normed, cos, sin, doc_ids)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attention_out, residual)
+        return self.mlp(normed), residual
 
 
 def compile_each(layers: nn.ModuleList) -> None:
@@ -153,9 +180,12 @@ class LlamaForCausalLM(nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids) if stage is None or stage.is_first() else inputs  # (B, T, d)
+        residual = None  # the stream is x + residual (DecoderLayer.forward)
         for layer in self.model.layers if stage is None else self.model.layers[stage.layers()]:
             if self.grad_checkpoint and self.training:
-                x = checkpoint(layer, x, cos, sin, doc_ids, use_reentrant=False)
+                x, residual = checkpoint(layer, x, cos, sin, doc_ids, residual, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, doc_ids)
-        return self.model.norm(x) if stage is None or stage.is_last() else x
+                x, residual = layer(x, cos, sin, doc_ids, residual)
+        if stage is not None and not stage.is_last():
+            return x if residual is None else x + residual  # one tensor to the next stage
+        return self.model.norm(x) if residual is None else self.model.norm.add_and_norm(x, residual)[0]

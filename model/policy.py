@@ -155,6 +155,10 @@ class SequenceGatherNorm(RMSNorm):
     def forward(self, x):
         return gather_forward_split_backward(super().forward(x), 1, self.process_group)
 
+    def add_and_norm(self, x, residual):
+        normed, total = super().add_and_norm(x, residual)
+        return gather_forward_split_backward(normed, 1, self.process_group), total
+
     @staticmethod
     def from_native_module(module: RMSNorm, process_group) -> SequenceGatherNorm:
         LazyInitContext.materialize(module)

@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import CONFIGS, LlamaConfig
 from model.kernels import resolve_kernels
@@ -93,3 +94,73 @@ def test_builds_on_meta_device_without_buffers():
         model = LlamaForCausalLM(CONFIGS["7b"])
     assert list(model.buffers()) == []
     assert sum(p.numel() for p in model.parameters()) == CONFIGS["7b"].num_params()
+
+
+# ---- fused projections and the residual stream carried as a pair ----------------------------------------------
+def test_concat_linear_matches_separate_projections():
+    from model.kernels.concat_linear import concat_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(n, 8, dtype=torch.float64, requires_grad=True) for n in (6, 2, 2)]
+    upstream = torch.randn(2, 5, 10, dtype=torch.float64)
+    (concat_linear(x, *weights) * upstream).sum().backward()
+    fused = [x.grad.clone()] + [w.grad.clone() for w in weights]
+    for t in (x, *weights):
+        t.grad = None
+    separate = torch.cat([x @ w.t() for w in weights], dim=-1)
+    assert torch.allclose(concat_linear(x, *weights), separate)
+    (separate * upstream).sum().backward()
+    for got, expected in zip(fused, [x.grad] + [w.grad for w in weights]):
+        assert torch.allclose(got, expected)
+
+
+def test_concat_linear_under_autocast_is_f_linear_under_autocast():
+    """Float32 weights under bf16 autocast (how plain DDP trains): bf16 output, float32 weight gradients, the values
+    of F.linear under the same autocast."""
+    from model.kernels.concat_linear import concat_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, requires_grad=True)
+    weights = [torch.randn(n, 16, requires_grad=True) for n in (8, 4)]
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = concat_linear(x, *weights) if fused else torch.cat([F.linear(x, w) for w in weights], dim=-1)
+        out.float().square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in (x, *weights)])
+        for t in (x, *weights):
+            t.grad = None
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype
+        assert torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+class CountingLinear(torch.nn.Linear):
+    """A Linear that is not a plain nn.Linear, as colossalai's parallel layers are not."""
+
+
+def test_plain_linears_share_one_gemm_and_other_layers_run_apart(monkeypatch):
+    """Plain layers take the fused path (one concat_linear for q/k/v and one for gate/up per layer); replaced
+    layers (tensor parallelism) run one by one through their own forward, with the same result."""
+    import model.llama as llama
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(SMALL, resolve_kernels("reference"))
+    ids = torch.randint(0, 300, (2, 12))
+    calls = []
+    real = llama.concat_linear
+    monkeypatch.setattr(llama, "concat_linear", lambda x, *w: calls.append(len(w)) or real(x, *w))
+    fused = model(ids, labels=ids)
+    assert calls == [3, 2] * SMALL.num_hidden_layers
+    for layer in model.model.layers:
+        for parent, name in [(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")] + \
+                            [(layer.mlp, n) for n in ("gate_proj", "up_proj")]:
+            plain = getattr(parent, name)
+            replaced = CountingLinear(plain.in_features, plain.out_features, bias=False)
+            replaced.weight = plain.weight
+            setattr(parent, name, replaced)
+    calls.clear()
+    apart = model(ids, labels=ids)
+    assert calls == []
+    assert torch.allclose(fused, apart, atol=1e-6)
