@@ -34,10 +34,15 @@ class RMSNorm(nn.Module):
         return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def fusable(*linears: nn.Module) -> bool:
+    """Whether one GEMM can serve these layers (kernels/concat_linear.py): plain bias-free nn.Linear layers can;
+    others, such as colossalai's tensor-parallel layers put in by model/policy.py, run one by one."""
+    return all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
+
+
 def project(x, *linears: nn.Module):
-    """Each linear applied to x. Plain bias-free nn.Linear layers share one GEMM (kernels/concat_linear.py); others,
-    such as colossalai's tensor-parallel layers put in by model/policy.py, run one by one."""
-    if all(type(linear) is nn.Linear and linear.bias is None for linear in linears):
+    """Each linear applied to x, in one GEMM when they are `fusable`."""
+    if fusable(*linears):
         fused = concat_linear(x, *(linear.weight for linear in linears))
         return fused.split([linear.out_features for linear in linears], dim=-1)
     return tuple(linear(x) for linear in linears)
@@ -76,7 +81,7 @@ class MLP(nn.Module):
         self.kernels = kernels
 
     def forward(self, x):
-        if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+        if fusable(self.gate_proj, self.up_proj):
             # one GEMM whose output (..., 2F) is [gate | up], activated in that layout (kernels/swiglu_packed.py)
             gate_up = concat_linear(x, self.gate_proj.weight, self.up_proj.weight)
             return self.down_proj(self.kernels.swiglu_packed(gate_up))

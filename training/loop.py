@@ -30,6 +30,7 @@ from . import metrics
 from .checkpoint import CheckpointManager, PreemptionFlag
 from .plugins import (build_optimizer, build_plugin, builds_lazily, clips_inside_optimizer, data_parallel_rank,
                       model_init_context)
+from .profiling import FORWARD_BACKWARD, OPTIMIZER_STEP
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Trainer:
         plugins average gradients over the data-parallel ranks, hence the factor data_ranks.
         """
         self.model.train()
-        with record_function("forward_backward"):
+        with record_function(FORWARD_BACKWARD):
             # counted on the host (the loader's tensors are CPU tensors): no wait for the GPU here
             labelled = [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches]
             step_labelled = self._labelled_over_ranks(sum(labelled))
@@ -188,7 +189,7 @@ class Trainer:
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad()
             return StepResult(loss_value, None, finite=False)
-        with record_function("optimizer_step"):
+        with record_function(OPTIMIZER_STEP):
             grad_norm = self._clip_and_norm()
             self.optimizer.step()
             self.optimizer.zero_grad()

@@ -43,8 +43,9 @@ def step_profiler(folder: str, rank: int) -> torch.profiler.profile:
     return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
 
 
-# The training loop's record_function ranges (training/loop.py), in step order.
-PHASES = ("forward_backward", "optimizer_step")
+# The ranges the training loop marks with record_function (training/loop.py), in step order.
+FORWARD_BACKWARD, OPTIMIZER_STEP = "forward_backward", "optimizer_step"
+PHASES = (FORWARD_BACKWARD, OPTIMIZER_STEP)
 
 # Kernel kinds by name, first match wins: cuBLAS/CUTLASS matmuls, attention, collectives, the optimizer's fused
 # kernels, Triton kernels (Liger's), then the rest of PyTorch's own.

@@ -33,6 +33,8 @@ class _ConcatLinear(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_out @ torch.cat(weights).to(x.dtype) if ctx.needs_input_grad[0] else None
+        if not any(ctx.needs_input_grad[1:]):  # frozen weights
+            return grad_x, *(None for _ in weights)
         grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)  # (sum of out features, in features)
         return grad_x, *(g.to(w.dtype) for g, w in zip(grad_weight.split([w.shape[0] for w in weights]), weights))
 

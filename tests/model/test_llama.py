@@ -115,6 +115,17 @@ def test_concat_linear_matches_separate_projections():
         assert torch.allclose(got, expected)
 
 
+def test_concat_linear_with_frozen_weights_gives_only_the_input_gradient():
+    from model.kernels.concat_linear import concat_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(n, 8, dtype=torch.float64) for n in (3, 5)]
+    concat_linear(x, *weights).sum().backward()
+    assert torch.allclose(x.grad, torch.cat(weights).sum(0).expand(4, 8))  # d sum(x @ W.T) / dx: W's column sums
+    assert all(w.grad is None for w in weights)
+
+
 def test_concat_linear_under_autocast_is_f_linear_under_autocast():
     """Float32 weights under bf16 autocast (how plain DDP trains): bf16 output, float32 weight gradients, the values
     of F.linear under the same autocast."""
