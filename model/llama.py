@@ -40,14 +40,6 @@ def fusable(*linears: nn.Module) -> bool:
     return all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
 
 
-def project(x, *linears: nn.Module):
-    """Each linear applied to x, in one GEMM when they are `fusable`."""
-    if fusable(*linears):
-        fused = concat_linear(x, *(linear.weight for linear in linears))
-        return fused.split([linear.out_features for linear in linears], dim=-1)
-    return tuple(linear(x) for linear in linears)
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, kernels: Kernels):
         super().__init__()
@@ -60,15 +52,20 @@ class Attention(nn.Module):
         self.kernels = kernels
 
     def forward(self, x, cos, sin, doc_ids):
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        batch, seq = q.shape[:2]  # not x's: under sequence parallelism x holds a slice of the sequence
-        q = q.view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        # a copy of v's few columns, so the attention saves it rather than a view that keeps q, k, v's whole output
-        v = v.contiguous().view(batch, seq, self.n_kv_heads, self.head_dim)
-        q, k = self.kernels.rotary(q, k, cos, sin)
+        if fusable(self.q_proj, self.k_proj, self.v_proj):
+            # one GEMM, then one kernel that turns its [q | k | v] output into rotated q, k and v
+            # (kernels/qkv_rotary.py)
+            qkv = concat_linear(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            q, k, v = self.kernels.qkv_rotary(qkv, cos, sin, self.n_heads, self.n_kv_heads)
+        else:  # tensor-parallel layers (model/policy.py) project this rank's heads, each in its own GEMM
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            batch, seq = q.shape[:2]  # not x's: under sequence parallelism x holds a slice of the sequence
+            q = q.view(batch, seq, self.n_heads, self.head_dim)  # (B, T, H, D)
+            k = k.view(batch, seq, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+            v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+            q, k = self.kernels.rotary(q, k, cos, sin)
         out = self.kernels.attention(q, k, v, doc_ids)  # (B, T, H, D)
-        return self.o_proj(out.reshape(batch, seq, self.n_heads * self.head_dim))
+        return self.o_proj(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -85,7 +82,7 @@ class MLP(nn.Module):
             # one GEMM whose output (..., 2F) is [gate | up], activated in that layout (kernels/swiglu_packed.py)
             gate_up = concat_linear(x, self.gate_proj.weight, self.up_proj.weight)
             return self.down_proj(self.kernels.swiglu_packed(gate_up))
-        return self.down_proj(self.kernels.swiglu(*project(x, self.gate_proj, self.up_proj)))
+        return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

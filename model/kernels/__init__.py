@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from . import add_rmsnorm, attention, loss, rmsnorm, rotary, swiglu, swiglu_packed
+from . import add_rmsnorm, attention, loss, qkv_rotary, rmsnorm, rotary, swiglu, swiglu_packed
 
-OPS = {"attention": attention, "rms_norm": rmsnorm, "add_rms_norm": add_rmsnorm, "rotary": rotary, "swiglu": swiglu,
-       "swiglu_packed": swiglu_packed, "loss": loss}
+OPS = {"attention": attention, "rms_norm": rmsnorm, "add_rms_norm": add_rmsnorm, "rotary": rotary,
+       "qkv_rotary": qkv_rotary, "swiglu": swiglu, "swiglu_packed": swiglu_packed, "loss": loss}
 OP_TABLES = {op: module.BACKENDS for op, module in OPS.items()}
 
 # How to install each package a backend may need.
@@ -36,19 +36,22 @@ PIP_HINTS = {
 PRESETS = {
     # The slow, explicit references every fast path is checked against.
     "reference": {"attention": "math", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch",
-                  "swiglu": "torch", "swiglu_packed": "torch", "loss": "torch"},
-    "torch": {"attention": "sdpa", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch", "swiglu": "torch",
-              "swiglu_packed": "torch", "loss": "torch"},
-    # The suite's own Triton kernels fill two slots: Liger has no SwiGLU for a packed [gate | up] input, and its fused
-    # add + RMSNorm backward runs at 40% of memory bandwidth (triton_rmsnorm.py).
-    "liger": {"attention": "sdpa", "rms_norm": "liger", "add_rms_norm": "triton", "rotary": "liger", "swiglu": "liger",
-              "swiglu_packed": "triton", "loss": "liger"},
+                  "qkv_rotary": "torch", "swiglu": "torch", "swiglu_packed": "torch", "loss": "torch"},
+    "torch": {"attention": "sdpa", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch",
+              "qkv_rotary": "torch", "swiglu": "torch", "swiglu_packed": "torch", "loss": "torch"},
+    # The suite's own Triton kernels fill three slots: Liger has no SwiGLU for a packed [gate | up] input and no
+    # rotary on a packed [q | k | v] one, and its fused add + RMSNorm backward runs at 40% of memory bandwidth
+    # (triton_rmsnorm.py).
+    "liger": {"attention": "sdpa", "rms_norm": "liger", "add_rms_norm": "triton", "rotary": "liger",
+              "qkv_rotary": "triton", "swiglu": "liger", "swiglu_packed": "triton", "loss": "liger"},
     "flash_attn": {"attention": "flash_attn", "rms_norm": "flash_attn", "add_rms_norm": "flash_attn",
-                   "rotary": "flash_attn", "swiglu": "flash_attn", "swiglu_packed": "flash_attn", "loss": "flash_attn"},
+                   "rotary": "flash_attn", "qkv_rotary": "flash_attn", "swiglu": "flash_attn",
+                   "swiglu_packed": "flash_attn", "loss": "flash_attn"},
 }
 # What `auto` tries for the ops other than attention, fastest first; the reference `torch` when none is installed.
 AUTO_CANDIDATES = {"rms_norm": ("liger", "flash_attn"), "add_rms_norm": ("triton", "liger", "flash_attn"),
-                   "rotary": ("liger", "flash_attn"), "swiglu": ("liger", "flash_attn"),
+                   "rotary": ("liger", "flash_attn"), "qkv_rotary": ("triton", "liger", "flash_attn"),
+                   "swiglu": ("liger", "flash_attn"),
                    "swiglu_packed": ("triton", "flash_attn"), "loss": ("liger", "flash_attn")}
 PRESET_NAMES = (*PRESETS, "auto")
 
@@ -61,6 +64,7 @@ class Kernels:
     rms_norm: Callable
     add_rms_norm: Callable
     rotary: Callable
+    qkv_rotary: Callable
     swiglu: Callable
     swiglu_packed: Callable
     loss: Callable
@@ -88,6 +92,7 @@ def auto_preset() -> dict[str, str]:
     1.82, flex 2.71), packed sdpa_cudnn->flex 3.03 (sdpa with a dense mask 4.36); rms_norm liger 1.54 (torch 1.99);
     rotary liger 1.28 (torch 2.14); swiglu liger 1.55 (torch 1.46, but Liger keeps one activation fewer per layer);
     loss liger 13.7 at 0.43 GiB peak (torch 16.9 at 5.86 GiB; liger_ce 10.4 at 1.16 GiB, holding the logits).
+    At batch 16: qkv_rotary triton 0.89 (liger's rotary after splitting the projection: 1.16, torch 4.37).
     """
     if not torch.cuda.is_available():
         return dict(PRESETS["torch"])

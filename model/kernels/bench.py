@@ -33,6 +33,10 @@ def op_inputs(op: str, config, batch: int, seq: int, doc_ids):
         cos, sin = rotary_tables(torch.arange(seq, device=device).expand(batch, seq), head_dim, config.rope_theta)
         q = randn(batch, seq, config.num_attention_heads, head_dim)
         return [q, randn(batch, seq, config.num_key_value_heads, head_dim), cos, sin], [0, 1]
+    if op == "qkv_rotary":
+        cos, sin = rotary_tables(torch.arange(seq, device=device).expand(batch, seq), head_dim, config.rope_theta)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        return [randn(batch, seq, (heads + 2 * kv_heads) * head_dim), cos, sin, heads, kv_heads], [0]
     if op == "add_rms_norm":
         return [randn(batch, seq, d), randn(batch, seq, d), torch.ones(d, device=device, dtype=dtype),
                 config.rms_norm_eps], [0, 1, 2]

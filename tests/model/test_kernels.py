@@ -22,8 +22,8 @@ from model.kernels.hookable import hookable
 from model.kernels.rotary import rotary_tables
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = {"attention": "math", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch", "swiglu": "torch",
-             "swiglu_packed": "torch", "loss": "torch"}
+REFERENCE = {"attention": "math", "rms_norm": "torch", "add_rms_norm": "torch", "rotary": "torch",
+             "qkv_rotary": "torch", "swiglu": "torch", "swiglu_packed": "torch", "loss": "torch"}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def test_overrides_replace_single_ops():
     assert chosen.attention is OP_TABLES["attention"]["math"]
     assert chosen.rms_norm is OP_TABLES["rms_norm"]["torch"]
     assert chosen.describe() == ("torch (attention=math, rms_norm=torch, add_rms_norm=torch, rotary=torch, "
-                                 "swiglu=torch, swiglu_packed=torch, loss=torch)")
+                                 "qkv_rotary=torch, swiglu=torch, swiglu_packed=torch, loss=torch)")
 
 
 def test_unknown_names_are_clear_errors():
@@ -97,9 +97,9 @@ def test_auto_without_cuda_is_the_torch_preset(monkeypatch):
 
 @pytest.mark.parametrize("capability, installed, expected", [
     ((9, 0), True, {"attention": "sdpa_cudnn", "rms_norm": "liger", "add_rms_norm": "triton",
-                    "swiglu_packed": "triton", "loss": "liger"}),
+                    "qkv_rotary": "triton", "swiglu_packed": "triton", "loss": "liger"}),
     ((9, 0), False, {"attention": "sdpa_cudnn", "rms_norm": "torch", "add_rms_norm": "torch",
-                     "swiglu_packed": "torch", "loss": "torch"}),
+                     "qkv_rotary": "torch", "swiglu_packed": "torch", "loss": "torch"}),
     ((8, 0), True, {"attention": "flash_attn", "rms_norm": "liger", "loss": "liger"}),
     ((8, 0), False, {"attention": "sdpa_flash", "rms_norm": "torch", "loss": "torch"}),
     ((7, 0), False, {"attention": "sdpa", "rms_norm": "torch", "loss": "torch"}),
@@ -314,8 +314,8 @@ def fake_flash_attn(monkeypatch):
 
 
 FLASH_ATTN_CASES = [("attention", "flash_attn"), ("attention", "flash_attn_varlen"), ("rms_norm", "flash_attn"),
-                    ("add_rms_norm", "flash_attn"), ("rotary", "flash_attn"), ("swiglu", "flash_attn"),
-                    ("swiglu_packed", "flash_attn"), ("loss", "flash_attn")]
+                    ("add_rms_norm", "flash_attn"), ("rotary", "flash_attn"), ("qkv_rotary", "flash_attn"),
+                    ("swiglu", "flash_attn"), ("swiglu_packed", "flash_attn"), ("loss", "flash_attn")]
 
 
 @pytest.mark.parametrize("op, backend", FLASH_ATTN_CASES, ids=[f"{op}-{b}" for op, b in FLASH_ATTN_CASES])
@@ -354,6 +354,11 @@ def op_cases(op: str, dtype: torch.dtype, device: str, small: bool = False) -> l
         cos, sin = rotary_tables(positions.to(device), 64, 10000.0)
         return [{"name": "rotary", "args": [randn(batch, seq, 8, 64), randn(batch, seq, 2, 64), cos, sin],
                  "grad": [0, 1]}]
+    if op == "qkv_rotary":  # 8 query heads, 2 key/value heads of 64
+        doc_ids = packed_doc_ids(batch, seq, [[10, 33], [40]] if small else DOCS)
+        positions = torch.arange(seq).expand(batch, seq) - _document_starts(doc_ids)
+        cos, sin = rotary_tables(positions.to(device), 64, 10000.0)
+        return [{"name": "qkv_rotary", "args": [randn(batch, seq, 12 * 64), cos, sin, 8, 2], "grad": [0]}]
     if op == "swiglu":
         return [{"name": "swiglu", "args": [randn(batch, seq, 2 * hidden), randn(batch, seq, 2 * hidden)],
                  "grad": [0, 1]}]
