@@ -29,7 +29,7 @@ from model.llama import LlamaForCausalLM
 from . import metrics
 from .checkpoint import CheckpointManager, PreemptionFlag
 from .plugins import (build_optimizer, build_plugin, builds_lazily, clips_inside_optimizer, data_parallel_rank,
-                      model_init_context)
+                      defers_grad_sync, model_init_context)
 from .profiling import FORWARD_BACKWARD, OPTIMIZER_STEP
 
 
@@ -231,8 +231,7 @@ class Trainer:
         return total
 
     def _no_sync(self, sync: bool):
-        # Plain DDP can skip the all-reduce on all but the last micro-batch; ZeRO and Gemini manage their own.
-        if sync or self.args.plugin != "ddp":
+        if sync or not defers_grad_sync(self.args.plugin, self.world_size):
             return nullcontext()
         return self.booster.no_sync(self.model, self.optimizer)
 

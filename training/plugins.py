@@ -18,8 +18,8 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
         return TorchDDPPlugin()
     if args.plugin in ("zero2", "zero2_cpu"):
         return LowLevelZeroPlugin(
-            stage=2, precision=precision, initial_scale=FP16_INITIAL_SCALE, max_norm=args.grad_clip,
-            cpu_offload=args.plugin == "zero2_cpu",
+            stage=zero_stage(_world_size()), precision=precision, initial_scale=FP16_INITIAL_SCALE,
+            max_norm=args.grad_clip, cpu_offload=args.plugin == "zero2_cpu",
         )
     if args.plugin in ("gemini", "gemini_auto"):
         placement = {"gemini": "static", "gemini_auto": "auto"}[args.plugin]
@@ -32,6 +32,34 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
     if args.plugin == "hybrid_parallel":
         return _hybrid_parallel_plugin(args, grad_accum_steps)
     raise SystemExit(f"error: unknown plugin {args.plugin}")
+
+
+def zero_stage(world_size: int) -> int:
+    """LowLevelZero's stage for -p zero2 and zero2_cpu: 2, but 1 on a single GPU.
+
+    Stage 2 partitions gradients over the data-parallel ranks, so it reduces every micro-batch's gradients through
+    its buckets as soon as the backward makes them (colossalai refuses no_sync at stage 2). On one rank there is
+    nothing to partition, and that reduction is five passes over every gradient per micro-batch that change nothing:
+    a copy into the bucket, flattening, a division by one, a reduce-scatter over one rank, a copy back. Stage 1 holds
+    the same memory on one rank and lets gradient accumulation sum the gradients in place (`defers_grad_sync`),
+    reducing once per step. On several GPUs, stage 2 stays: its partitioned gradients are why one picks zero2.
+    """
+    return 1 if world_size == 1 else 2
+
+
+def defers_grad_sync(plugin_name: str, world_size: int) -> bool:
+    """Whether the loop runs every micro-batch of a step but the last under booster.no_sync, which leaves the
+    gradient reduction to the last one: plain DDP, and LowLevelZero at stage 1 (`zero_stage`). Gemini accumulates
+    in its own chunks."""
+    if plugin_name == "ddp":
+        return True
+    return plugin_name in ("zero2", "zero2_cpu") and zero_stage(world_size) == 1
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _hybrid_parallel_plugin(args: argparse.Namespace, grad_accum_steps: int):

@@ -139,3 +139,46 @@ def test_first_losses_match_reference_kernels(distributed, plugin_name, preset):
     mismatched = [f"step {i}: {a:.4f} vs {e:.4f}" for i, (a, e) in enumerate(zip(actual, expected))
                   if abs(a - e) > RTOL * abs(e)]
     assert not mismatched, f"{plugin_name} {preset} vs reference: " + "; ".join(mismatched)
+
+
+def accumulated_step_weights(stage: int, defer: bool) -> list[torch.Tensor]:
+    """The weights after two optimizer steps of four micro-batches each, through LowLevelZero at `stage`; with
+    `defer`, every micro-batch but a step's last runs under booster.no_sync, as the training loop does
+    (training/loop.py, plugins.defers_grad_sync)."""
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import LowLevelZeroPlugin
+    from colossalai.nn.optimizer import HybridAdam
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG, resolve_kernels("torch")).to(device)
+    booster = Booster(plugin=LowLevelZeroPlugin(stage=stage, precision="bf16"))
+    model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
+    micro_batches = [{k: v[i:i + 1].to(device) for k, v in batch.items()} for batch in batches() for i in range(2)]
+    for _ in range(2):
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with booster.no_sync(model, optimizer) if defer and not last else nullcontext():
+                booster.backward(model(**batch) / len(micro_batches), optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = [p.detach().float().clone() for p in model.parameters()]
+    del model, optimizer, booster
+    torch.cuda.empty_cache()
+    return weights
+
+
+def test_zero2_on_one_gpu_accumulates_in_place_with_the_same_result(distributed):
+    """On one GPU, -p zero2 runs LowLevelZero at stage 1 and skips the reduction of all micro-batches but the last
+    (training/plugins.py zero_stage); the weights after two accumulated steps match stage 2's, which reduces
+    every micro-batch. The comparison is tight: both sum the same bf16 gradients in the same order."""
+    from training.plugins import defers_grad_sync, zero_stage
+
+    assert zero_stage(1) == 1 and defers_grad_sync("zero2", 1) and defers_grad_sync("zero2_cpu", 1)
+    deferred = accumulated_step_weights(stage=zero_stage(1), defer=True)
+    every_micro_batch = accumulated_step_weights(stage=2, defer=False)
+    torch.manual_seed(0)
+    initial = [p.float() for p in LlamaForCausalLM(CONFIG, resolve_kernels("torch")).parameters()]
+    assert max((w.cpu() - p).abs().max().item() for w, p in zip(deferred, initial)) > 1e-4, "no step was taken"
+    for got, expected in zip(deferred, every_micro_batch):
+        assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)

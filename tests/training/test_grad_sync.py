@@ -1,0 +1,29 @@
+"""Which plugins let the loop skip the gradient reduction of all micro-batches of a step but the last
+(training/plugins.py zero_stage and defers_grad_sync; the GPU side is tests/model/test_plugins_gpu.py)."""
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+
+from training.loop import Trainer
+from training.plugins import zero_stage
+
+
+def test_zero2_runs_lowlevelzero_stage_1_only_on_one_gpu():
+    assert [zero_stage(world_size) for world_size in (1, 2, 8)] == [1, 2, 2]
+
+
+@pytest.mark.parametrize("plugin, world_size, deferred", [
+    ("ddp", 1, True), ("ddp", 4, True), ("zero2", 1, True), ("zero2_cpu", 1, True), ("zero2", 2, False),
+    ("zero2_cpu", 2, False), ("gemini", 1, False), ("gemini_auto", 1, False), ("hybrid_parallel", 1, False),
+])
+def test_the_loop_defers_gradient_sync_only_where_the_plugin_allows(plugin, world_size, deferred):
+    calls = []
+    booster = SimpleNamespace(no_sync=lambda model, optimizer: calls.append("no_sync") or nullcontext())
+    trainer = SimpleNamespace(args=SimpleNamespace(plugin=plugin), world_size=world_size, booster=booster,
+                              model=None, optimizer=None)
+    with Trainer._no_sync(trainer, sync=False):  # a micro-batch before the step's last
+        pass
+    with Trainer._no_sync(trainer, sync=True):  # the last: always reduces
+        pass
+    assert calls == (["no_sync"] if deferred else [])
