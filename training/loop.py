@@ -143,6 +143,8 @@ class Trainer:
         hybrid = args.plugin == "hybrid_parallel"
         self.dp_group = self.booster.plugin.dp_group if hybrid else None  # None: all ranks
         self.pipelined = hybrid and args.pp > 1
+        # no_sync on all micro-batches of a step but the last, where the plugin allows it
+        self.defers_grad_sync = defers_grad_sync(args.plugin, self.booster.plugin)
         if hybrid and args.tp > 1:  # model/policy.py replaced the loss kernel: the head's vocabulary is split
             self.print(f"tensor parallel {args.tp}: kernels {self.model.unwrap().kernels.describe()}")
         if initial_weights is not None:
@@ -231,7 +233,7 @@ class Trainer:
         return total
 
     def _no_sync(self, sync: bool):
-        if sync or not defers_grad_sync(self.args.plugin, self.world_size):
+        if sync or not self.defers_grad_sync:
             return nullcontext()
         return self.booster.no_sync(self.model, self.optimizer)
 

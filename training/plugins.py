@@ -41,19 +41,20 @@ def zero_stage(world_size: int) -> int:
     its buckets as soon as the backward makes them (colossalai refuses no_sync at stage 2). On one rank there is
     nothing to partition, and that reduction is five passes over every gradient per micro-batch that change nothing:
     a copy into the bucket, flattening, a division by one, a reduce-scatter over one rank, a copy back. Stage 1 holds
-    the same memory on one rank and lets gradient accumulation sum the gradients in place (`defers_grad_sync`),
-    reducing once per step. On several GPUs, stage 2 stays: its partitioned gradients are why one picks zero2.
+    the same memory on one rank and supports no_sync, so gradient accumulation sums the gradients in place
+    (`defers_grad_sync`), reducing once per step. On several GPUs, stage 2 stays: its partitioned gradients are why
+    one picks zero2.
     """
     return 1 if world_size == 1 else 2
 
 
-def defers_grad_sync(plugin_name: str, world_size: int) -> bool:
+def defers_grad_sync(plugin_name: str, plugin) -> bool:
     """Whether the loop runs every micro-batch of a step but the last under booster.no_sync, which leaves the
-    gradient reduction to the last one: plain DDP, and LowLevelZero at stage 1 (`zero_stage`). Gemini accumulates
-    in its own chunks."""
-    if plugin_name == "ddp":
-        return True
-    return plugin_name in ("zero2", "zero2_cpu") and zero_stage(world_size) == 1
+    gradient reduction to the last one: wherever the built plugin supports no_sync (colossalai's
+    `support_no_sync`: plain DDP, and LowLevelZero at stage 1, see `zero_stage`). Gemini accumulates in its own
+    chunks. hybrid_parallel says it supports no_sync but refuses it at --zero 2, and the loop has not been checked
+    with it under tensor parallelism, so it keeps reducing every micro-batch."""
+    return plugin_name != "hybrid_parallel" and plugin.support_no_sync()
 
 
 def _world_size() -> int:
