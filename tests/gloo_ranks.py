@@ -1,4 +1,5 @@
-"""Run a test function on several CPU processes joined by gloo, with what colossalai lacks on a CPU filled in.
+"""Run a test function on several CPU processes joined by gloo, with what colossalai lacks on a CPU filled in (or,
+with backend "nccl", on several GPUs).
 
 colossalai's parallel layers, HybridParallelPlugin and pipeline schedules run on a CPU with gloo but for three
 gaps of its CPU code paths, filled in only inside these test processes (with a GPU none of them is reached):
@@ -28,12 +29,13 @@ def fill_cpu_gaps() -> None:
         dist.is_hccl_available = lambda: False
 
 
-def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: int = 300) -> None:
-    """fn(rank, world_size, *args) in `world_size` processes; a failure on any rank fails the test with its trace."""
+def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: int = 300, backend: str = "gloo") -> None:
+    """fn(rank, world_size, *args) in `world_size` processes; a failure on any rank fails the test with its trace.
+    backend "nccl" joins GPUs instead (fn picks its device)."""
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, world_size, port, fn, args, errors, timeout_s))
+    processes = [context.Process(target=_worker, args=(rank, world_size, port, fn, args, errors, timeout_s, backend))
                  for rank in range(world_size)]
     for process in processes:
         process.start()
@@ -49,13 +51,15 @@ def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: int = 300) -> None:
     assert all(process.exitcode == 0 for process in processes), [process.exitcode for process in processes]
 
 
-def _worker(rank, world_size, port, fn, args, errors, timeout_s):
+def _worker(rank, world_size, port, fn, args, errors, timeout_s, backend):
     faulthandler.dump_traceback_later(max(1, timeout_s - 10), exit=True)  # a hung rank says where it waits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     fill_cpu_gaps()
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
     except BaseException:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.gpu
 CONFIG = dataclasses.replace(CONFIGS["tiny"], vocab_size=1024, hidden_size=256, intermediate_size=704,
                              num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
 BATCH, SEQ, STEPS, LR = 4, 256, 10, 1e-3
-PLUGINS = ["gemini", "gemini_auto", "zero2", "zero2_cpu", "ddp", "hybrid_parallel"]
+PLUGINS = ["gemini", "gemini_whole", "gemini_auto", "zero2", "zero2_cpu", "ddp", "hybrid_parallel"]
 CANDIDATES = ["torch", "liger", "flash_attn", "auto"]
 RTOL = torch.finfo(torch.bfloat16).eps  # 2**-7: one bf16 rounding step, relative
 
@@ -56,6 +57,8 @@ def make_plugin(name: str):
 
     if name == "gemini":
         return GeminiPlugin(placement_policy="static", precision="bf16")
+    if name == "gemini_whole":  # parameters never sharded, as -p gemini runs on one GPU (plugins.shard_param_frac)
+        return GeminiPlugin(placement_policy="static", precision="bf16", shard_param_frac=0.0)
     if name == "gemini_auto":
         return GeminiPlugin(placement_policy="auto", precision="bf16")
     if name == "zero2":
@@ -141,6 +144,14 @@ def test_first_losses_match_reference_kernels(distributed, plugin_name, preset):
     assert not mismatched, f"{plugin_name} {preset} vs reference: " + "; ".join(mismatched)
 
 
+def test_whole_parameters_on_one_gpu_train_like_sharded_ones(distributed):
+    """-p gemini on one GPU keeps its parameter chunks whole (training/plugins.py shard_param_frac): from the same
+    lazy weights and batches, the losses of colossalai's default, sharded chunks."""
+    whole = first_losses("gemini_whole", "reference")
+    sharded = first_losses("gemini", "reference")
+    assert whole == pytest.approx(sharded, rel=RTOL), f"{whole} vs {sharded}"
+
+
 def accumulated_step_weights(stage: int, defer: bool) -> list[torch.Tensor]:
     """The weights after two optimizer steps of four micro-batches each, through LowLevelZero at `stage`; with
     `defer`, every micro-batch but a step's last runs under booster.no_sync, as the training loop does
@@ -181,3 +192,78 @@ def test_zero2_on_one_gpu_accumulates_in_place_with_the_same_result(distributed)
     assert max((w.cpu() - p).abs().max().item() for w, p in zip(deferred, initial)) > 1e-4, "no step was taken"
     for got, expected in zip(deferred, every_micro_batch):
         assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)
+
+
+@contextmanager
+def gemini_methods(ours: bool):
+    """For the duration: training/gemini_fixes.py's replacements, or colossalai's own methods."""
+    from training import gemini_fixes
+
+    gemini_fixes.apply()  # once per process; ORIGINALS then holds colossalai's own
+    with ExitStack() as stack:
+        if not ours:
+            for (cls, name), original in gemini_fixes.ORIGINALS.items():
+                stack.enter_context(mock.patch.object(cls, name, original))
+        yield
+
+
+def gemini_accumulated_steps(ours: bool) -> tuple[dict, list[float], int]:
+    """Two optimizer steps of four micro-batches through Gemini with gradient accumulation and clipping, as -p gemini
+    trains: the weights after them, the two gradient norms, and how many .item() calls the backwards made."""
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import GeminiPlugin
+    from colossalai.nn.optimizer import HybridAdam
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    real_item, synchronised, norms = torch.Tensor.item, [], []
+    with gemini_methods(ours):
+        torch.manual_seed(0)
+        with model_init_context("gemini"):
+            model = LlamaForCausalLM(CONFIG, resolve_kernels("torch"))
+        plugin = GeminiPlugin(placement_policy="static", precision="bf16", max_norm=0.05,
+                              enable_gradient_accumulation=True)
+        booster = Booster(plugin=plugin)
+        torch.manual_seed(1)
+        model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
+        micro_batches = [{k: v[i:i + 1].to(device) for k, v in batch.items()} for batch in batches() for i in range(2)]
+        for _ in range(2):
+            for batch in micro_batches:
+                loss = model(**batch) / len(micro_batches)
+                with mock.patch.object(torch.Tensor, "item", lambda t: synchronised.append(t) or real_item(t)):
+                    booster.backward(loss, optimizer)
+            optimizer.step()
+            norms.append(optimizer._current_grad_norm)
+            optimizer.zero_grad()
+        weights = {name: value.float().cpu() for name, value in model.state_dict().items()}
+    del model, optimizer, booster
+    torch.cuda.empty_cache()
+    return weights, norms, len(synchronised)
+
+
+def assert_gemini_fixes_keep_the_accumulated_steps() -> None:
+    theirs, their_norms, their_syncs = gemini_accumulated_steps(ours=False)
+    ours, our_norms, our_syncs = gemini_accumulated_steps(ours=True)
+    assert their_syncs > 0 and our_syncs == 0, (their_syncs, our_syncs)
+    assert min(their_norms) > 0.05, f"clipping never engaged: {their_norms}"
+    assert our_norms == pytest.approx(their_norms, rel=1e-6)  # float32 norms, summed in another order
+    assert theirs.keys() == ours.keys()
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], rtol=RTOL, atol=1e-6), name
+
+
+def test_gemini_fixes_keep_the_accumulated_steps(distributed):
+    """training/gemini_fixes.py: the same weights and gradient norms as colossalai's own Gemini methods, with
+    clipping active, and no host synchronisation left in the backward (colossalai's makes one per chunk)."""
+    assert_gemini_fixes_keep_the_accumulated_steps()
+
+
+def _gemini_fixes_on_ranks(rank: int, world_size: int) -> None:
+    assert_gemini_fixes_keep_the_accumulated_steps()  # rank 0 compares the weights: Gemini gathers them there
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gemini_fixes_keep_the_accumulated_steps_on_two_gpus():
+    """The same on two ranks, where each chunk is sharded and the accumulated shard is scaled by the rank count."""
+    from gloo_ranks import run_on_ranks
+
+    run_on_ranks(_gemini_fixes_on_ranks, world_size=2, backend="nccl")
