@@ -55,6 +55,8 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                        help="split activations along the sequence over the tensor-parallel ranks (hybrid_parallel)")
     group.add_argument("--offload_optim_frac", type=float, default=0.0, help="optimizer state on CPU (gemini)")
     group.add_argument("--offload_param_frac", type=float, default=0.0, help="parameters on CPU (gemini)")
+    group.add_argument("--gemini_prefetch", type=int, default=0, metavar="N",
+                       help="chunks gemini gathers ahead of the layer that needs them (default 0)")
 
 
 def add_optimizer_flags(parser: argparse.ArgumentParser, default_lr: float) -> None:
@@ -184,6 +186,18 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _check_gemini_fractions(args: argparse.Namespace, fail) -> None:
+    for flag in ("offload_optim_frac", "offload_param_frac"):
+        value = getattr(args, flag)
+        if not 0.0 <= value <= 1.0:
+            fail(f"--{flag} must be between 0 and 1, not {value}")
+    # colossalai warns and drops offload_param_frac otherwise (StaticPlacementPolicy): parameters reach the CPU
+    # only from chunks whose optimizer state is there too
+    if args.offload_param_frac and args.offload_optim_frac != 1.0:
+        fail(f"--offload_param_frac {args.offload_param_frac} needs --offload_optim_frac 1 (colossalai would "
+             f"ignore it)")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Stop with one clear line for a flag the chosen plugin or hardware cannot honour."""
     def fail(message):
@@ -201,6 +215,12 @@ def validate(args: argparse.Namespace) -> None:
         for flag in ("offload_optim_frac", "offload_param_frac"):
             if getattr(args, flag):
                 fail(f"--{flag} applies to -p gemini (static placement) only, not -p {args.plugin}")
+    else:
+        _check_gemini_fractions(args, fail)
+    if args.gemini_prefetch and not args.plugin.startswith("gemini"):
+        fail(f"--gemini_prefetch applies to -p gemini and gemini_auto only, not -p {args.plugin}")
+    if args.gemini_prefetch < 0:
+        fail(f"--gemini_prefetch must be 0 or more, not {args.gemini_prefetch}")
     if args.compile and args.plugin.startswith("gemini"):
         # Dynamo cannot trace Gemini's parameters (colossalai 0.5.0, torch 2.11: InternalTorchDynamoError on their
         # views), so the compiled layers would fail at the first step
