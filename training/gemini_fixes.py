@@ -25,10 +25,13 @@ from __future__ import annotations
 import torch
 
 ORIGINALS: dict = {}  # (class, attribute) -> colossalai's own, kept by apply() for the tests' comparisons
+_colossalai_grad_handle = None  # GeminiDDP.grad_handle's function, bound once by apply(): it runs per gradient
 
 
 def apply() -> None:
-    """Install the three replacements on colossalai's Chunk and ChunkManager classes (once; later calls do nothing)."""
+    """Install the four replacements on colossalai's GeminiDDP, Chunk and ChunkManager classes (once; later calls
+    do nothing)."""
+    global _colossalai_grad_handle
     from colossalai.zero.gemini.chunk import Chunk, ChunkManager
     from colossalai.zero.gemini.gemini_ddp import GeminiDDP
 
@@ -43,6 +46,12 @@ def apply() -> None:
     for (cls, name), replacement in replacements.items():
         ORIGINALS[cls, name] = cls.__dict__[name]
         setattr(cls, name, replacement)
+    _colossalai_grad_handle = ORIGINALS[GeminiDDP, "grad_handle"].__func__
+
+
+def colossalais_own(cls, name: str):
+    """colossalai's attribute `name` of `cls` as it was before apply() (class-level: a function or a property)."""
+    return ORIGINALS.get((cls, name), cls.__dict__[name])
 
 
 def grad_handle_then_wait_for_its_stream(grad, *args, async_reduce_stream=None, **kwargs):
@@ -55,10 +64,7 @@ def grad_handle_then_wait_for_its_stream(grad, *args, async_reduce_stream=None, 
     step: 7b on two H200s with --gemini_prefetch 4). Making the backward's stream wait orders every later kernel after
     the reduction, without stalling the host.
     """
-    from colossalai.zero.gemini.gemini_ddp import GeminiDDP
-
-    original = ORIGINALS[GeminiDDP, "grad_handle"].__func__
-    result = original(grad, *args, async_reduce_stream=async_reduce_stream, **kwargs)
+    result = _colossalai_grad_handle(grad, *args, async_reduce_stream=async_reduce_stream, **kwargs)
     if async_reduce_stream is not None:
         torch.cuda.current_stream().wait_stream(async_reduce_stream)
     return result
@@ -78,12 +84,11 @@ def has_inf_or_nan_unless_bf16(chunk) -> bool | torch.Tensor:
     which bf16 runs do not have (colossalai's BF16MixedPrecisionMixin never skips a step)."""
     if chunk.dtype == torch.bfloat16:
         return False
-    valid = _valid_gradients(chunk)
-    return torch.isinf(valid).any() | torch.isnan(valid).any()
+    return colossalais_own(type(chunk), "has_inf_or_nan").fget(chunk)
 
 
 def _valid_gradients(chunk) -> torch.Tensor:
-    """The part of a chunk on this rank that holds gradients, as colossalai's two methods above select it."""
+    """The part of a chunk on this rank that holds gradients, as colossalai's set_l2_norm selects it."""
     if chunk.is_gathered:
         return chunk.cuda_global_chunk[: chunk.utilized_size].detach()
     assert chunk.cuda_shard is not None

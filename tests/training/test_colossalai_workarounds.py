@@ -34,7 +34,7 @@ def test_gemini_records_each_chunks_gradient_norm_with_a_host_synchronisation():
     chunk = Chunk.__new__(Chunk)  # the method reads these four attributes only
     chunk.l2_norm, chunk.is_gathered, chunk.utilized_size = None, True, 4
     chunk.cuda_global_chunk = torch.ones(4, dtype=torch.bfloat16)
-    own = gemini_fixes.ORIGINALS.get((Chunk, "set_l2_norm"), Chunk.__dict__["set_l2_norm"])
+    own = gemini_fixes.colossalais_own(Chunk, "set_l2_norm")
     real_item, synchronised = torch.Tensor.item, []
     with mock.patch.object(torch.Tensor, "item", lambda t: synchronised.append(t) or real_item(t)):
         own(chunk)

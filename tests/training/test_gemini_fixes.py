@@ -12,11 +12,6 @@ from gloo_ranks import run_on_ranks
 from training import gemini_fixes
 
 
-def colossalais_own(cls, name: str):
-    """colossalai's method, even where gemini_fixes.apply() has run in this process."""
-    return gemini_fixes.ORIGINALS.get((cls, name), cls.__dict__[name])
-
-
 def gradient_chunk(values: torch.Tensor, gathered: bool):
     """A colossalai Chunk holding `values` as reduced gradients, bypassing its constructor (which needs a process
     group): gathered, or as this rank's shard."""
@@ -37,7 +32,7 @@ def test_the_gradient_norm_stays_on_the_device_and_equals_colossalais(gathered):
 
     values = torch.randn(11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     theirs = gradient_chunk(values, gathered)
-    colossalais_own(Chunk, "set_l2_norm")(theirs)
+    gemini_fixes.colossalais_own(Chunk, "set_l2_norm")(theirs)
     ours = gradient_chunk(values, gathered)
     with mock.patch.object(torch.Tensor, "item", side_effect=AssertionError("a host synchronisation")):
         gemini_fixes.set_l2_norm_on_gpu(ours)
@@ -93,7 +88,7 @@ def _rearranged(group, keep_gathered: bool, offloaded: bool, use_ours: bool, ran
         grad_chunk.cpu_shard, grad_chunk.cuda_shard = grad_chunk.cuda_shard, None
     manager.accessed_chunks.discard(grad_chunk)
     rearrange = (gemini_fixes.rearrange_accumulated_grad_chunk_in_place if use_ours
-                 else colossalais_own(ChunkManager, "rearrange_accumulated_grad_chunk"))
+                 else gemini_fixes.colossalais_own(ChunkManager, "rearrange_accumulated_grad_chunk"))
     result = rearrange(manager, chunk)
     return (result is chunk.grad_chunk, result.is_gathered, result.cuda_shard is None, result in manager.accessed_chunks,
             result.cuda_global_chunk.clone())
@@ -125,9 +120,10 @@ def test_apply_installs_each_replacement_once():
 
     patched = [(GeminiDDP, "grad_handle"), (Chunk, "set_l2_norm"), (Chunk, "has_inf_or_nan"),
                (ChunkManager, "rearrange_accumulated_grad_chunk")]
-    saved = {(cls, name): colossalais_own(cls, name) for cls, name in patched}
+    saved = {(cls, name): gemini_fixes.colossalais_own(cls, name) for cls, name in patched}
     try:
-        with mock.patch.dict(gemini_fixes.ORIGINALS, clear=True):
+        with mock.patch.dict(gemini_fixes.ORIGINALS, clear=True), \
+                mock.patch.object(gemini_fixes, "_colossalai_grad_handle", None):
             for (cls, name), original in saved.items():
                 setattr(cls, name, original)
             gemini_fixes.apply()
@@ -137,6 +133,7 @@ def test_apply_installs_each_replacement_once():
             assert Chunk.has_inf_or_nan.fget is gemini_fixes.has_inf_or_nan_unless_bf16
             assert ChunkManager.rearrange_accumulated_grad_chunk is gemini_fixes.rearrange_accumulated_grad_chunk_in_place
             assert gemini_fixes.ORIGINALS == saved
+            assert gemini_fixes._colossalai_grad_handle is saved[GeminiDDP, "grad_handle"].__func__
     finally:
         for (cls, name), original in saved.items():
             setattr(cls, name, original)
@@ -145,13 +142,11 @@ def test_apply_installs_each_replacement_once():
 def test_the_backward_waits_for_the_reduction_stream_after_each_gradient():
     """grad_handle_then_wait_for_its_stream runs colossalai's grad_handle, then orders the current stream after the
     reduction stream it was given (none: nothing to wait for)."""
-    from colossalai.zero.gemini.gemini_ddp import GeminiDDP
-
     calls = []
     stream = mock.Mock()
     handle = lambda grad, *args, async_reduce_stream=None, **kwargs: calls.append(("handle", async_reduce_stream)) or grad
     current = mock.Mock(wait_stream=lambda s: calls.append(("wait", s)))
-    with mock.patch.dict(gemini_fixes.ORIGINALS, {(GeminiDDP, "grad_handle"): staticmethod(handle)}), \
+    with mock.patch.object(gemini_fixes, "_colossalai_grad_handle", handle), \
             mock.patch.object(torch.cuda, "current_stream", return_value=current):
         assert gemini_fixes.grad_handle_then_wait_for_its_stream("g", 1, p=2, async_reduce_stream=stream) == "g"
         assert gemini_fixes.grad_handle_then_wait_for_its_stream("h", async_reduce_stream=None) == "h"
