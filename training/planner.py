@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 
 from model.config import LlamaConfig
+from model.kernels.loss import LIGER_CHUNK_MEM_CONST
 from training.metrics import PEAK_BF16_FLOPS, TAGS
 
 GIB = 2**30
@@ -52,7 +53,7 @@ GEMINI_SEARCH_INTERVAL = 1024  # hidden_dim=None -> search interval 1024
 GEMINI_GATHERED_CHUNKS = 2  # chunks gathered at once while a layer computes (no prefetch)
 PLAIN_LOSS_FP32_COPIES = 3  # fp32 logits held at the plain loss backward: log_softmax out, its grad, input grad
 FUSED_CE_BYTES_PER_VOCAB = 4  # fused CE on materialised logits (liger_ce, flash_attn): bf16 logits + bf16 grad
-FUSED_LINEAR_BYTES_PER_TOKEN_D = 8  # fused linear CE (liger): bf16 input grad + a chunk of logits (~ b*T*d)
+FUSED_LINEAR_BYTES_PER_TOKEN_D = 6  # fused linear CE (liger): bf16 input grad and its buffers, besides the logits
 CUDA_CONTEXT_GIB = 0.6  # CUDA context, cuBLAS/cuDNN workspaces: outside max_memory_allocated
 NCCL_GIB = 0.5  # NCCL buffers per GPU when there is more than one
 FRAGMENTATION = 0.05  # caching-allocator reserve beyond the allocated peak
@@ -218,11 +219,19 @@ def _backward_workspace_bytes(config: LlamaConfig) -> int:
 
 def _loss_bytes(config: LlamaConfig, tokens: int, loss_kernel: str, tp: int) -> float:
     d, V = config.hidden_size, config.vocab_size
-    if loss_kernel == "fused_linear":  # + the fp32 head-gradient accumulator
-        return tokens * FUSED_LINEAR_BYTES_PER_TOKEN_D * d + FP32 * V * d / tp
+    if loss_kernel == "fused_linear":  # + one chunk of bf16 logits + the fp32 head-gradient accumulator
+        return (tokens * FUSED_LINEAR_BYTES_PER_TOKEN_D * d + BF16 * liger_chunk_tokens(config, tokens) * V
+                + FP32 * V * d / tp)
     if loss_kernel == "fused_ce":
         return tokens * FUSED_CE_BYTES_PER_VOCAB * V / tp
     return tokens * PLAIN_LOSS_FP32_COPIES * FP32 * V / tp
+
+
+def liger_chunk_tokens(config: LlamaConfig, tokens: int) -> int:
+    """Tokens per chunk of Liger's fused linear cross-entropy: its own arithmetic (ops/fused_linear_cross_entropy.py)
+    with the suite's budget model.kernels.loss.LIGER_CHUNK_MEM_CONST."""
+    chunks_for_budget = -(-config.vocab_size // (LIGER_CHUNK_MEM_CONST * config.hidden_size))
+    return min(tokens, 1 << (-(-tokens // chunks_for_budget) - 1).bit_length())  # next power of two
 
 
 def _eval_bytes(config: LlamaConfig, tokens: int, loss_kernel: str, tp: int) -> float:

@@ -6,8 +6,8 @@ over the labelled tokens of the micro-batch.
 
 Backends:
   torch       the reference: full logits, float32 cross-entropy.
-  liger       liger-kernel's fused linear + cross-entropy: logits in chunks, gradients computed in the forward,
-              never the full logits. Weight gradient accumulated in float32.
+  liger       liger-kernel's fused linear + cross-entropy: logits in chunks of tokens (LIGER_CHUNK_MEM_CONST), gradients
+              computed in the forward, no float32 copy of the logits. Weight gradient accumulated in float32.
   liger_ce    full logits, liger-kernel's Triton cross-entropy (no float32 copy of the logits).
   flash_attn  full logits, flash-attn's Triton cross-entropy.
 """
@@ -17,6 +17,13 @@ import torch.nn.functional as F
 from .hookable import hookable
 
 IGNORE_INDEX = -100
+# Liger's loop holds the logits of one chunk of tokens at a time, at most chunk_mem_const x (tokens x hidden)
+# elements. Its default of 1 cut a 1b micro-batch of 16 x 2048 tokens into 16 chunks of 2048, and every chunk read and
+# wrote the whole float32 weight-gradient accumulator (vocab x hidden) again. With 16 that micro-batch is one chunk:
+# 2 GiB of bf16 logits instead of 0.12 GiB, 23.7 -> 21.6 ms for the loss's forward and backward on an H100, and 1%
+# more tokens/s for 1b with zero2 (75.3k -> 76.1k, 16 x 16 on one H100). 7b at 2 x 4096 tokens also takes one chunk
+# (0.5 GiB); a larger vocabulary than hidden x 16 still splits.
+LIGER_CHUNK_MEM_CONST = 16
 
 
 def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -30,7 +37,8 @@ def linear_cross_entropy_liger(hidden: torch.Tensor, weight: torch.Tensor, label
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(
-        hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="mean", accum_dtype=torch.float32
+        hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="mean", accum_dtype=torch.float32,
+        chunk_mem_const=LIGER_CHUNK_MEM_CONST,
     )
 
 
