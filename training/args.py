@@ -55,8 +55,9 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
                        help="split activations along the sequence over the tensor-parallel ranks (hybrid_parallel)")
     group.add_argument("--offload_optim_frac", type=float, default=0.0, help="optimizer state on CPU (gemini)")
     group.add_argument("--offload_param_frac", type=float, default=0.0, help="parameters on CPU (gemini)")
-    group.add_argument("--gemini_prefetch", type=int, default=0, metavar="N",
-                       help="chunks gemini gathers ahead of the layer that needs them (default 0)")
+    group.add_argument("--gemini_prefetch", type=int, default=None, metavar="N",
+                       help="chunks gemini gathers ahead of the layer that needs them (default: 4 on several GPUs, "
+                            "0 on one, where the chunks stay whole)")
 
 
 def add_optimizer_flags(parser: argparse.ArgumentParser, default_lr: float) -> None:
@@ -219,7 +220,7 @@ def validate(args: argparse.Namespace) -> None:
         _check_gemini_fractions(args, fail)
     if args.gemini_prefetch and not args.plugin.startswith("gemini"):
         fail(f"--gemini_prefetch applies to -p gemini and gemini_auto only, not -p {args.plugin}")
-    if args.gemini_prefetch < 0:
+    if args.gemini_prefetch is not None and args.gemini_prefetch < 0:
         fail(f"--gemini_prefetch must be 0 or more, not {args.gemini_prefetch}")
     if args.compile and args.plugin.startswith("gemini"):
         # Dynamo cannot trace Gemini's parameters (colossalai 0.5.0, torch 2.11: InternalTorchDynamoError on their

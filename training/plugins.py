@@ -34,7 +34,7 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
         return GeminiPlugin(
             placement_policy=placement, precision=precision, initial_scale=FP16_INITIAL_SCALE,
             max_norm=args.grad_clip, enable_gradient_accumulation=grad_accum_steps > 1,
-            max_prefetch=args.gemini_prefetch, enable_async_reduce=world_size > 1,
+            max_prefetch=gemini_prefetch(args, world_size), enable_async_reduce=world_size > 1,
             **(options if placement == "static" else {}),
         )
     if args.plugin == "hybrid_parallel":
@@ -52,6 +52,21 @@ def shard_param_frac(args: argparse.Namespace, world_size: int) -> float:
     training/gemini_fixes.py, without which 7b's loss went NaN in that layout.
     """
     return 0.0 if world_size == 1 and not args.offload_param_frac else 1.0
+
+
+GEMINI_PREFETCH_SEVERAL_GPUS = 4
+
+
+def gemini_prefetch(args: argparse.Namespace, world_size: int) -> int:
+    """Gemini's max_prefetch: --gemini_prefetch if given, else 4 chunks on several GPUs and none on one.
+
+    Prefetching gathers the next parameter chunks (an all-gather each) while the current layers compute. On two H200s
+    4 gave 1b 75.0k against 74.1k tokens/s/GPU (16 x 8) and 7b 11.6k against 11.3k (2 x 4, sequence 4096), for
+    0.3 GiB more. One GPU keeps its chunks whole (`shard_param_frac`), so there is nothing to gather.
+    """
+    if args.gemini_prefetch is not None:
+        return args.gemini_prefetch
+    return GEMINI_PREFETCH_SEVERAL_GPUS if world_size > 1 else 0
 
 
 def zero_stage(world_size: int) -> int:

@@ -1,7 +1,7 @@
 """The -p gemini flags of training/args.py and the options training/plugins.py derives from them."""
 import pytest
 
-from training.plugins import shard_param_frac
+from training.plugins import gemini_prefetch, shard_param_frac
 
 
 def flags(*argv):
@@ -14,6 +14,13 @@ def flags(*argv):
 def test_parameters_stay_whole_on_one_gpu_and_are_sharded_on_several():
     assert shard_param_frac(flags("-p", "gemini"), world_size=1) == 0.0
     assert shard_param_frac(flags("-p", "gemini"), world_size=2) == 1.0
+
+
+def test_prefetch_defaults_to_four_chunks_on_several_gpus_and_none_on_one():
+    assert gemini_prefetch(flags("-p", "gemini"), world_size=2) == 4
+    assert gemini_prefetch(flags("-p", "gemini"), world_size=1) == 0
+    assert gemini_prefetch(flags("-p", "gemini", "--gemini_prefetch", "0"), world_size=2) == 0
+    assert gemini_prefetch(flags("-p", "gemini_auto", "--gemini_prefetch", "2"), world_size=1) == 2
 
 
 def test_parameters_offloaded_to_the_cpu_keep_their_chunks_sharded():

@@ -138,6 +138,17 @@ def test_tinyllama_anchors_within_five_percent(plugin, micro, fused, gpus, measu
     assert e.allocated_gib == pytest.approx(measured_gib, rel=0.05)
 
 
+# The suite's own 1b, --kernels auto, zero2 on one H100 (benchmark.py, 2026-11-23, with one Liger loss chunk per
+# micro-batch): measured peak allocated GiB.
+ONE_B_ON_ONE_H100 = [(8, 35.81), (16, 59.01)]
+
+
+@pytest.mark.parametrize("micro, measured_gib", ONE_B_ON_ONE_H100)
+def test_suite_one_b_within_five_percent(micro, measured_gib):
+    e = est(plugin="zero2", micro_batch=micro, n_gpus=1, **planner.kernel_memory_flags("auto"))
+    assert e.allocated_gib == pytest.approx(measured_gib, rel=0.05)
+
+
 # The suite's own 7b at sequence 4096, micro batch 2 (pp2: 8 rows in micro-batches of 1), --kernels auto, on two
 # H200s (benchmark.py, 2026-11-23): measured peak allocated GiB per GPU.
 SEVEN_B_ON_TWO_H200 = [(dict(plugin="gemini"), 2, 82.15), (dict(plugin="zero2"), 2, 83.35),
