@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from model.config import LlamaConfig
 from model.kernels.loss import LIGER_CHUNK_MEM_CONST
 from training.metrics import PEAK_BF16_FLOPS, TAGS
+from training.plugins import GEMINI_PREFETCH_SEVERAL_GPUS
 
 GIB = 2**30
 BF16, FP32 = 2, 4
@@ -50,7 +51,7 @@ ZERO_BUCKET_ELEMS = 12 * 2**20  # LowLevelZeroPlugin reduce_bucket_size_in_m=12 
 GEMINI_MIN_CHUNK_ELEMS = 32 * 2**20  # GeminiPlugin min_chunk_size_m=32
 GEMINI_SEARCH_RANGE_ELEMS = 32 * 2**20  # GeminiPlugin search_range_m=32
 GEMINI_SEARCH_INTERVAL = 1024  # hidden_dim=None -> search interval 1024
-GEMINI_GATHERED_CHUNKS = 2  # chunks gathered at once while a layer computes (no prefetch)
+GEMINI_GATHERED_CHUNKS = 2  # chunks gathered at once while a layer computes, besides the prefetched ones
 PLAIN_LOSS_FP32_COPIES = 3  # fp32 logits held at the plain loss backward: log_softmax out, its grad, input grad
 FUSED_CE_BYTES_PER_VOCAB = 4  # fused CE on materialised logits (liger_ce, flash_attn): bf16 logits + bf16 grad
 FUSED_LINEAR_BYTES_PER_TOKEN_D = 6  # fused linear CE (liger): bf16 input grad and its buffers, besides the logits
@@ -357,7 +358,8 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
         host = frac * (MASTER_BYTES * total_chunks + ADAM_BYTES * N + BF16 * total_chunks) / dp
         gathered = BF16 * largest_chunk * (1 - 1 / dp)  # beyond this rank's shard
         at_loss = gathered  # the head's chunk
-        gathered_for_compute = GEMINI_GATHERED_CHUNKS * gathered
+        # On several GPUs Gemini also gathers the next chunks ahead (training/plugins.py gemini_prefetch's default).
+        gathered_for_compute = (GEMINI_GATHERED_CHUNKS + GEMINI_PREFETCH_SEVERAL_GPUS) * gathered
         buffers = gathered_for_compute + BF16 * largest_param  # + a param.grad not yet copied into its chunk
 
     # Activations of the GPU that holds the most: 1F1B keeps pp micro-batches on the first stage.

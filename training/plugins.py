@@ -64,7 +64,8 @@ def gemini_prefetch(args: argparse.Namespace, world_size: int) -> int:
 
     Prefetching gathers the next parameter chunks (an all-gather each) while the current layers compute. On two H200s
     4 gave 1b 75.0k against 74.1k tokens/s/GPU (16 x 8) and 7b 11.6k against 11.3k (2 x 4, sequence 4096), for
-    0.3 GiB more. One GPU keeps its chunks whole (`shard_param_frac`), so there is nothing to gather.
+    0.3 GiB more (training/planner.py counts the prefetched chunks). One GPU keeps its chunks whole
+    (`shard_param_frac`), so there is nothing to gather, except with --offload_param_frac, which is not measured.
     """
     if args.gemini_prefetch is not None:
         return args.gemini_prefetch
