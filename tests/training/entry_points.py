@@ -12,6 +12,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def pretrain_flags(*argv: str):
+    """pretrain.py's arguments for `argv`, with the defaults apply_defaults derives, as the script sees them."""
+    import pretrain
+    from training import args as flag_defs
+
+    return flag_defs.apply_defaults(pretrain.parser().parse_args(list(argv)))
+
+
 def run_script(script: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python script args...` from the repository root; with check, it must succeed (else its output's tail)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -25,17 +25,13 @@ def test_hybrid_adam_needs_cuda_to_build_its_cpu_kernel():
 def test_gemini_records_each_chunks_gradient_norm_with_a_host_synchronisation():
     """Why training/gemini_fixes.py replaces Chunk.set_l2_norm: colossalai's calls .item() once per chunk per
     micro-batch, which stalls the GPU in every backward (the module's docstring has the profile)."""
-    from unittest import mock
-
     from colossalai.zero.gemini.chunk import Chunk
+    from gemini_chunks import counted_item_calls, gradient_chunk
 
     from training import gemini_fixes
 
-    chunk = Chunk.__new__(Chunk)  # the method reads these four attributes only
-    chunk.l2_norm, chunk.is_gathered, chunk.utilized_size = None, True, 4
-    chunk.cuda_global_chunk = torch.ones(4, dtype=torch.bfloat16)
+    chunk = gradient_chunk(torch.ones(4, dtype=torch.bfloat16), gathered=True)
     own = gemini_fixes.colossalais_own(Chunk, "set_l2_norm")
-    real_item, synchronised = torch.Tensor.item, []
-    with mock.patch.object(torch.Tensor, "item", lambda t: synchronised.append(t) or real_item(t)):
+    with counted_item_calls() as synchronised:
         own(chunk)
     assert len(synchronised) == 1 and chunk.l2_norm == 4.0

@@ -8,22 +8,9 @@ from unittest import mock
 import pytest
 import torch
 
+from gemini_chunks import gradient_chunk
 from gloo_ranks import run_on_ranks
 from training import gemini_fixes
-
-
-def gradient_chunk(values: torch.Tensor, gathered: bool):
-    """A colossalai Chunk holding `values` as reduced gradients, bypassing its constructor (which needs a process
-    group): gathered, or as this rank's shard."""
-    from colossalai.zero.gemini.chunk import Chunk
-
-    chunk = Chunk.__new__(Chunk)
-    chunk.dtype, chunk.l2_norm, chunk.is_gathered = values.dtype, None, gathered
-    if gathered:
-        chunk.cuda_global_chunk, chunk.utilized_size = torch.cat([values, values.new_zeros(3)]), len(values)
-    else:
-        chunk.cuda_shard, chunk.valid_end = torch.cat([values, values.new_zeros(3)]), len(values)
-    return chunk
 
 
 @pytest.mark.parametrize("gathered", [True, False])

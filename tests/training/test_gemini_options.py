@@ -1,14 +1,9 @@
 """The -p gemini flags of training/args.py and the options training/plugins.py derives from them."""
 import pytest
 
+from entry_points import pretrain_flags as flags
+
 from training.plugins import gemini_prefetch, shard_param_frac
-
-
-def flags(*argv):
-    import pretrain
-    from training import args as flag_defs
-
-    return flag_defs.apply_defaults(pretrain.parser().parse_args(list(argv)))
 
 
 def test_parameters_stay_whole_on_one_gpu_and_are_sharded_on_several():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from entry_points import pretrain_flags
 from gloo_ranks import run_on_ranks
 
 SEQ, STEPS = 32, 4
@@ -47,15 +48,13 @@ class FixedRows:
 
 
 def _train(rank, world_size, out_dir, flags):
-    import pretrain
     from model.config import LlamaConfig
-    from training import args as flag_defs
     from training.loop import Trainer
 
     out_dir = Path(out_dir)
     argv = ["-c", "tiny", "-p", "hybrid_parallel", "-x", "fp32", "-l", str(SEQ), "--lr", "3e-3", "-s", "1",
             "-t", str(out_dir / "tb"), "-o", str(out_dir / "ckpt"), "--seed", "7", *flags]
-    args = flag_defs.apply_defaults(pretrain.parser().parse_args(argv))
+    args = pretrain_flags(*argv)
     torch.manual_seed(args.seed)  # what colossalai.launch does in init_distributed
     config = LlamaConfig.from_name("tiny")
     trainer = Trainer(args, config, FixedRows(config.vocab_size, args.batch_size), rank=rank, world_size=world_size,
@@ -128,11 +127,7 @@ def test_checkpoint_resumes_under_another_layout(one_process, tmp_path, saved, r
 
 # ---- flags -------------------------------------------------------------------------------------------
 def _flags(*argv):
-    import pretrain
-    from training import args as flag_defs
-
-    argv = ["-p", "hybrid_parallel", "-x", "bf16", "-l", "64", *argv]  # later flags win
-    return flag_defs.apply_defaults(pretrain.parser().parse_args(argv))
+    return pretrain_flags("-p", "hybrid_parallel", "-x", "bf16", "-l", "64", *argv)  # later flags win
 
 
 @pytest.mark.parametrize("argv, world_size, accumulation, message", [
@@ -156,21 +151,19 @@ def test_hybrid_parallel_layouts_colossalai_would_reject_are_one_clear_line(argv
 
 
 def test_hybrid_parallel_flags_are_refused_for_other_plugins():
-    import pretrain
     from training import args as flag_defs
 
     for argv in (["--pp_style", "interleaved"], ["--sequence_parallel", "split_gather"], ["--pp_layers", "2", "2"]):
-        args = flag_defs.apply_defaults(pretrain.parser().parse_args(["-p", "ddp", *argv]))
+        args = pretrain_flags("-p", "ddp", *argv)
         with pytest.raises(SystemExit, match="applies to -p hybrid_parallel only"):
             flag_defs.validate(args)
 
 
 def test_compile_is_refused_for_gemini():
-    import pretrain
     from training import args as flag_defs
 
     for plugin in ("gemini", "gemini_auto"):
-        args = flag_defs.apply_defaults(pretrain.parser().parse_args(["-p", plugin, "--compile"]))
+        args = pretrain_flags("-p", plugin, "--compile")
         with pytest.raises(SystemExit, match=f"--compile does not work with -p {plugin}"):
             flag_defs.validate(args)
 
