@@ -1,7 +1,7 @@
 """Throughput of the training step on synthetic tokens: the same step as pretrain.py, without data loading.
 
 Prints one JSON line per run: tokens/s/GPU, MFU, TFLOPS/GPU (also under Colossal-AI's 8N convention),
-peak GPU and host memory. `--baseline hf` then runs transformers' LlamaForCausalLM (SDPA) through the same plugin,
+peak GPU and host memory, and the GPU's mean SM clock and power draw over the timed steps (rank 0's GPU). `--baseline hf` then runs transformers' LlamaForCausalLM (SDPA) through the same plugin,
 batch and loop in the same process, prints its line, and a last line with the suite's speedup over it and the
 ratio of their peak GPU memory (suite / hf). host_mem_gib is the process's peak, which cannot be reset, so the
 baseline's line leaves it out. `--profile DIR` profiles a few steps (training/profiling.py); the JSON line's
@@ -26,6 +26,8 @@ from training.loop import Trainer
 from training.plugins import data_parallel_rank
 from training.profiling import check_steps, step_profiler
 from training.setup import resolve_run, run_config
+
+CLOCK_FIELDS = ("sm_clock_mhz", "sm_clock_max_mhz", "power_w", "power_limit_w")  # training/gpu_clock.py; None on CPU
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,6 +93,8 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
         "tflops_per_gpu_8n": round(tokens_per_s * 8 * config.num_params() / 1e12, 1),
         "peak_mem_gib": round(summary["peak_mem_gib"], 2), "resident_mem_gib": round(summary["resident_mem_gib"], 2),
         "host_mem_gib": round(summary["host_mem_gib"], 2),
+        # the GPU's mean SM clock and power over the timed steps: at its power limit a GPU slows its clock
+        **{key: summary.get(key) for key in CLOCK_FIELDS},
     }
 
 

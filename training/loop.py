@@ -26,7 +26,7 @@ from model.kernels import resolve_kernels
 from model.kernels.loss import IGNORE_INDEX
 from model.llama import LlamaForCausalLM
 
-from . import metrics
+from . import gpu_clock, metrics
 from .checkpoint import CheckpointManager, PreemptionFlag
 from .plugins import (build_optimizer, build_plugin, builds_lazily, clips_inside_optimizer, data_parallel_rank,
                       defers_grad_sync, model_init_context)
@@ -255,7 +255,8 @@ class Trainer:
         """Run until total_steps, preemption or --stop_after; returns the losses of the steps run here."""
         args = self.args
         throughput = metrics.Throughput(self.config.flops_per_token(self.seq_len), self.world_size,
-                                        warmup_steps=min(2, max(0, self.total_steps - self.state.step - 1)))
+                                        warmup_steps=min(2, max(0, self.total_steps - self.state.step - 1)),
+                                        clock=gpu_clock.for_current_gpu())
         logger = self._logger = metrics.Logger(args.tensorboard_dir, self.is_main)
         self._val_postfix = {}
         tokens_per_step = args.batch_size * self.seq_len * self.data_ranks * self.accum
@@ -290,6 +291,7 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+            throughput.close()
         self.summary = {**throughput.summary(), "peak_mem_gib": metrics.peak_gpu_mem_gib(),
                         "resident_mem_gib": metrics.resident_gpu_mem_gib(), "host_mem_gib": metrics.host_mem_gib()}
         return losses
@@ -366,6 +368,9 @@ class Trainer:
             parts.append(f"MFU {summary['mfu']:.1%}")
         if summary.get("peak_mem_gib"):
             parts.append(f"peak GPU memory {summary['peak_mem_gib']:.1f} GiB")
+        if "sm_clock_mhz" in summary:
+            parts.append(f"SM clock {summary['sm_clock_mhz']:,} of {summary['sm_clock_max_mhz']:,} MHz at "
+                         f"{summary['power_w']:.0f} of {summary['power_limit_w']:.0f} W")
         self.print("; ".join(parts))
 
     def print(self, *values) -> None:

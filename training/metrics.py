@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from .gpu_clock import GpuClockSampler
+
 # Dense bf16 peak per GPU (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A800": 312e12, "H800": 989e12,
                    "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "4090": 165e12}
@@ -40,24 +42,35 @@ def host_mem_gib() -> float:
 
 
 class Throughput:
-    """Tokens/s per GPU and MFU, timed from the end of the warm-up steps (compilation, allocator growth)."""
+    """Tokens/s per GPU and MFU, timed from the end of the warm-up steps (compilation, allocator growth), and the
+    GPU's mean SM clock and power over the same steps where `clock` samples them (training/gpu_clock.py)."""
 
-    def __init__(self, flops_per_token: float, world_size: int, warmup_steps: int = 1):
+    def __init__(self, flops_per_token: float, world_size: int, warmup_steps: int = 1,
+                 clock: GpuClockSampler | None = None):
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.warmup_steps = warmup_steps
         self.peak_flops = peak_flops_per_gpu()
         self.steps = 0
-        self._start = self._window_start = time.perf_counter() if warmup_steps == 0 else None
+        self._clock = clock
+        self._clock_means: dict = {}
+        self._start = self._window_start = None
+        if warmup_steps == 0:
+            self._open_window(time.perf_counter())
         self._end = None
         self._window_tokens = self.measured_tokens = 0
+
+    def _open_window(self, now: float) -> None:
+        self._start = self._window_start = now
+        if self._clock is not None:
+            self._clock.start()
 
     def step_done(self, global_tokens: int) -> None:
         """Call after each optimizer step, once its result has been synchronised (loss.item())."""
         now = time.perf_counter()
         self.steps += 1
         if self.steps == self.warmup_steps:
-            self._start = self._window_start = now
+            self._open_window(now)
         elif self.steps > self.warmup_steps:
             self._window_tokens += global_tokens
             self.measured_tokens += global_tokens
@@ -71,11 +84,18 @@ class Throughput:
         self._window_start, self._window_tokens = self._end, 0
         return metrics
 
+    def close(self) -> None:
+        """End the clock's sampling (the run finished or failed); summary() reports what it read until now."""
+        if self._clock is not None:
+            self._clock_means = self._clock.stop()
+            self._clock = None
+
     def summary(self) -> dict:
         """Metrics over every step after the warm-up."""
+        self.close()
         if not self.measured_tokens:
             return {}
-        return self._metrics(self.measured_tokens, self._end - self._start)
+        return {**self._metrics(self.measured_tokens, self._end - self._start), **self._clock_means}
 
     def _metrics(self, tokens: int, seconds: float) -> dict:
         tokens_per_s_per_gpu = tokens / seconds / self.world_size

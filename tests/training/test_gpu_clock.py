@@ -1,0 +1,82 @@
+"""training/gpu_clock.py: the sampler's means and window, Throughput's use of it, and real NVML readings on a GPU."""
+import itertools
+import time
+
+import pytest
+import torch
+
+from training import gpu_clock, metrics
+
+LIMITS = {"sm_clock_max_mhz": 1980, "power_limit_w": 700.0}
+
+
+class CountingReader:
+    """Readings (1000 + n MHz, 500 + n W) for the n-th call, so the mean tells how many calls were made."""
+
+    def __init__(self):
+        self.calls = itertools.count()
+        self.count = 0
+
+    def __call__(self) -> tuple[float, float]:
+        n = next(self.calls)
+        self.count = n + 1
+        return 1000.0 + n, 500.0 + n
+
+
+def test_sampler_means_its_readings_between_start_and_stop():
+    reader = CountingReader()
+    sampler = gpu_clock.GpuClockSampler(reader, LIMITS, interval_s=0.005)
+    sampler.start()
+    time.sleep(0.1)
+    means = sampler.stop()
+    taken = reader.count
+    assert taken >= 3  # read every 5 ms, not once
+    assert means == {"sm_clock_mhz": round(1000 + (taken - 1) / 2), "power_w": round(500 + (taken - 1) / 2, 1),
+                     **LIMITS}
+    time.sleep(0.03)
+    assert reader.count == taken  # stopped means stopped
+    assert sampler.stop() == {}  # stopping twice reads nothing more
+
+
+def test_a_window_shorter_than_one_interval_still_gets_a_reading():
+    sampler = gpu_clock.GpuClockSampler(CountingReader(), LIMITS, interval_s=10.0)
+    sampler.start()
+    started = time.perf_counter()
+    assert sampler.stop()["sm_clock_mhz"] == 1000
+    assert time.perf_counter() - started < 5  # stop() does not sit out the interval
+
+
+def test_throughput_samples_the_clock_over_the_timed_steps_only():
+    reader = CountingReader()
+    clock = gpu_clock.GpuClockSampler(reader, LIMITS, interval_s=0.005)
+    throughput = metrics.Throughput(flops_per_token=1.0, world_size=1, warmup_steps=2, clock=clock)
+    throughput.step_done(100)
+    time.sleep(0.03)
+    assert reader.count == 0  # warming up: not sampled
+    throughput.step_done(100)  # the warm-up's end opens the timed window
+    time.sleep(0.05)
+    throughput.step_done(100)
+    summary = throughput.summary()
+    assert summary["tokens_per_s_per_gpu"] > 0
+    assert summary["sm_clock_mhz"] >= 1000 and summary["power_limit_w"] == 700.0
+    assert throughput.summary() == summary  # summary() again: the same means, sampling stays stopped
+
+
+def test_throughput_without_a_clock_reports_no_clock_fields():
+    throughput = metrics.Throughput(flops_per_token=1.0, world_size=1, warmup_steps=0)
+    throughput.step_done(100)
+    assert "sm_clock_mhz" not in throughput.summary()
+
+
+@pytest.mark.gpu
+def test_nvml_reads_this_gpus_clock_and_power_under_load():
+    sampler = gpu_clock.for_current_gpu()
+    assert sampler is not None, "install nvidia-ml-py (requirements.txt)"
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    sampler.start()
+    for _ in range(200):
+        a = (a @ a).clamp_(-1, 1)
+    torch.cuda.synchronize()
+    means = sampler.stop()
+    assert 300 <= means["sm_clock_mhz"] <= means["sm_clock_max_mhz"] <= 4000
+    assert 10 < means["power_w"] <= 1.2 * means["power_limit_w"], means

@@ -1,0 +1,81 @@
+"""The GPU's SM clock and power draw over the timed steps, sampled through NVML (nvidia-ml-py) on a thread.
+
+Why: an H100 SXM running the 1b step reaches its 700 W power limit and lowers its SM clock from 1980 MHz to about
+1600 (measured on 2026-11-23, `nvidia-smi` every 0.5 s), and every kernel, matmuls and cuDNN attention included,
+slows with it. GPUs of one kind hold different clocks at their limit, so the same command gives a few percent more
+or less tokens/s on another machine; the clock and power in the benchmark's line say which one ran slower.
+Readings are this process's GPU only (rank 0's in benchmark.py).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+SAMPLE_INTERVAL_S = 0.1  # NVML averages its own readings over 1/6 to 1 s; finer sampling adds nothing
+
+
+class GpuClockSampler:
+    """Mean SM clock (MHz) and power draw (W) between start() and stop(), read every SAMPLE_INTERVAL_S.
+
+    `read` returns one (sm_clock_mhz, power_w) reading; `limits` are constants of the board reported beside the
+    means (its highest SM clock and its power limit)."""
+
+    def __init__(self, read: Callable[[], tuple[float, float]], limits: dict, interval_s: float = SAMPLE_INTERVAL_S):
+        self.read = read
+        self.limits = limits
+        self.interval_s = interval_s
+        self.readings: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.readings.clear()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="gpu-clock-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        """Stop sampling; the means since start() with the board's limits, or {} if nothing was read."""
+        if self._thread is None:
+            return {}
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if not self.readings:
+            return {}
+        clocks, powers = zip(*self.readings)
+        return {"sm_clock_mhz": round(sum(clocks) / len(clocks)), "power_w": round(sum(powers) / len(powers), 1),
+                **self.limits}
+
+    def _sample(self) -> None:
+        while True:  # read first: a window shorter than one interval still gets a reading
+            self.readings.append(self.read())
+            if self._stop.wait(self.interval_s):
+                return
+
+
+def for_current_gpu() -> GpuClockSampler | None:
+    """A sampler for this process's CUDA device; None without a GPU or without nvidia-ml-py (requirements.txt)."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.version.hip:
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    # by UUID: NVML numbers every GPU of the host, CUDA only the visible ones (CUDA_VISIBLE_DEVICES, torchrun)
+    uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except pynvml.NVMLError:  # no NVML driver library, or a device it does not list (a MIG slice): no readings
+        return None
+
+    def read() -> tuple[float, float]:
+        milliwatts = pynvml.nvmlDeviceGetPowerUsage(handle)
+        return float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)), milliwatts / 1000
+
+    limits = {"sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+              "power_limit_w": round(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000, 1)}
+    return GpuClockSampler(read, limits)
