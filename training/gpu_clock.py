@@ -14,25 +14,50 @@ from typing import Callable
 SAMPLE_INTERVAL_S = 0.1  # NVML averages its own readings over 1/6 to 1 s; finer sampling adds nothing
 
 
+class ReadingMeans:
+    """Running means of (sm_clock_mhz, power_w) readings: sums, so a week-long run holds three numbers."""
+
+    def __init__(self):
+        self.count, self.clock_sum, self.power_sum = 0, 0.0, 0.0
+
+    def add(self, clock_mhz: float, power_w: float) -> None:
+        self.count += 1
+        self.clock_sum += clock_mhz
+        self.power_sum += power_w
+
+    def means(self) -> dict:
+        if not self.count:
+            return {}
+        return {"sm_clock_mhz": round(self.clock_sum / self.count), "power_w": round(self.power_sum / self.count, 1)}
+
+
 class GpuClockSampler:
-    """Mean SM clock (MHz) and power draw (W) between start() and stop(), read every SAMPLE_INTERVAL_S.
+    """Mean SM clock (MHz) and power draw (W) from start() to stop(), and per window (the logging interval), read
+    every SAMPLE_INTERVAL_S.
 
     `read` returns one (sm_clock_mhz, power_w) reading; `limits` are constants of the board reported beside the
-    means (its highest SM clock and its power limit)."""
+    run's means (its highest SM clock and its power limit)."""
 
     def __init__(self, read: Callable[[], tuple[float, float]], limits: dict, interval_s: float = SAMPLE_INTERVAL_S):
         self.read = read
         self.limits = limits
         self.interval_s = interval_s
-        self.readings: list[tuple[float, float]] = []
+        self._run = self._window = ReadingMeans()
+        self._lock = threading.Lock()  # the sampling thread adds while the training thread takes windows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self.readings.clear()
+        self._run, self._window = ReadingMeans(), ReadingMeans()
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="gpu-clock-sampler", daemon=True)
         self._thread.start()
+
+    def window(self) -> dict:
+        """The means since the last window() (or start()); {} if nothing was read in between."""
+        with self._lock:
+            window, self._window = self._window, ReadingMeans()
+        return window.means()
 
     def stop(self) -> dict:
         """Stop sampling; the means since start() with the board's limits, or {} if nothing was read."""
@@ -41,15 +66,15 @@ class GpuClockSampler:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        if not self.readings:
-            return {}
-        clocks, powers = zip(*self.readings)
-        return {"sm_clock_mhz": round(sum(clocks) / len(clocks)), "power_w": round(sum(powers) / len(powers), 1),
-                **self.limits}
+        means = self._run.means()
+        return {**means, **self.limits} if means else {}
 
     def _sample(self) -> None:
         while True:  # read first: a window shorter than one interval still gets a reading
-            self.readings.append(self.read())
+            clock_mhz, power_w = self.read()
+            with self._lock:
+                self._run.add(clock_mhz, power_w)
+                self._window.add(clock_mhz, power_w)
             if self._stop.wait(self.interval_s):
                 return
 

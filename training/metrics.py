@@ -17,6 +17,7 @@ TAGS = {  # TensorBoard tag names, shared with the planner's run summary
     "tokens_per_s_per_gpu": "train/tokens_per_s_per_gpu", "mfu": "train/mfu",
     "peak_mem_gib": "train/peak_mem_gib", "tokens_seen": "train/tokens_seen",
     "val_loss": "val/loss", "val_ppl": "val/ppl",  # per source: val/<source>/loss, val/<source>/ppl
+    "sm_clock_mhz": "gpu/sm_clock_mhz", "power_w": "gpu/power_w",  # rank 0's GPU: a throttled GPU shows here
 }
 
 
@@ -82,6 +83,8 @@ class Throughput:
             return {}
         metrics = self._metrics(self._window_tokens, self._end - self._window_start)
         self._window_start, self._window_tokens = self._end, 0
+        if self._clock is not None:
+            metrics.update(self._clock.window())
         return metrics
 
     def close(self) -> None:

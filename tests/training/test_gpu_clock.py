@@ -23,10 +23,15 @@ class CountingReader:
         return 1000.0 + n, 500.0 + n
 
 
-def test_sampler_means_its_readings_between_start_and_stop():
+def started_sampler(interval_s: float = 0.005) -> tuple[CountingReader, gpu_clock.GpuClockSampler]:
     reader = CountingReader()
-    sampler = gpu_clock.GpuClockSampler(reader, LIMITS, interval_s=0.005)
+    sampler = gpu_clock.GpuClockSampler(reader, LIMITS, interval_s=interval_s)
     sampler.start()
+    return reader, sampler
+
+
+def test_sampler_means_its_readings_between_start_and_stop():
+    reader, sampler = started_sampler()
     time.sleep(0.1)
     means = sampler.stop()
     taken = reader.count
@@ -38,9 +43,22 @@ def test_sampler_means_its_readings_between_start_and_stop():
     assert sampler.stop() == {}  # stopping twice reads nothing more
 
 
+def test_windows_split_the_readings_in_order():
+    reader, sampler = started_sampler()
+    time.sleep(0.1)
+    first = sampler.window()
+    time.sleep(0.1)
+    second = sampler.window()
+    run = sampler.stop()
+    taken = reader.count
+    assert run["sm_clock_mhz"] == round(1000 + (taken - 1) / 2)  # windows do not reset the run's means
+    # readings count up: the first window holds the lowest, the second only later ones (above the run's mean)
+    assert 1000 <= first["sm_clock_mhz"] < run["sm_clock_mhz"] < second["sm_clock_mhz"] <= 1000 + taken - 1
+    assert "power_limit_w" not in first  # the board's limits come once, with the run's means
+
+
 def test_a_window_shorter_than_one_interval_still_gets_a_reading():
-    sampler = gpu_clock.GpuClockSampler(CountingReader(), LIMITS, interval_s=10.0)
-    sampler.start()
+    _, sampler = started_sampler(interval_s=10.0)
     started = time.perf_counter()
     assert sampler.stop()["sm_clock_mhz"] == 1000
     assert time.perf_counter() - started < 5  # stop() does not sit out the interval
@@ -56,6 +74,7 @@ def test_throughput_samples_the_clock_over_the_timed_steps_only():
     throughput.step_done(100)  # the warm-up's end opens the timed window
     time.sleep(0.05)
     throughput.step_done(100)
+    assert throughput.rate()["sm_clock_mhz"] >= 1000  # the logging window's clock, for TensorBoard
     summary = throughput.summary()
     assert summary["tokens_per_s_per_gpu"] > 0
     assert summary["sm_clock_mhz"] >= 1000 and summary["power_limit_w"] == 700.0
