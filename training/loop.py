@@ -182,10 +182,7 @@ class Trainer:
                 for i, batch in enumerate(micro_batches):
                     batch = {k: self._to_device(v) for k, v in batch.items()}
                     sync = i == len(micro_batches) - 1
-                    with self._no_sync(sync), self.autocast:
-                        loss_sum = self.model(**batch) * labelled[i]
-                    self.booster.backward(loss_sum * (self.data_ranks / step_labelled), self.optimizer)
-                    total += loss_sum.detach()
+                    total += self._micro_batch(batch, labelled[i], self.data_ranks / step_labelled, sync)
             # the step's one wait for the GPU: the loss decides whether the optimizer may step
             loss_value = float(self._sum_over_ranks(total) / step_labelled)
         if not math.isfinite(loss_value):
@@ -196,6 +193,16 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad()
         return StepResult(loss_value, grad_norm, finite=True)
+
+    def _micro_batch(self, batch: dict, labelled: int, scale: float, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its summed token loss. Both run inside no_sync: torch
+        DDP decides in the forward whether the backward reduces, but LowLevelZero's gradient hooks and backward()
+        read the flag during the backward, so a backward outside the context reduces every micro-batch."""
+        with self._no_sync(sync):
+            with self.autocast:
+                loss_sum = self.model(**batch) * labelled
+            self.booster.backward(loss_sum * scale, self.optimizer)
+        return loss_sum.detach()
 
     def _labelled_over_ranks(self, local: int) -> float | torch.Tensor:
         """The step's labelled tokens over the data-parallel ranks: a number with one rank, else a tensor on the

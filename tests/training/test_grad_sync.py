@@ -1,9 +1,10 @@
 """Which plugins let the loop skip the gradient reduction of all micro-batches of a step but the last
 (training/plugins.py zero_stage and defers_grad_sync; the GPU side is tests/model/test_plugins_gpu.py)."""
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from training.loop import Trainer
 from training.plugins import defers_grad_sync, zero_stage
@@ -38,3 +39,43 @@ def test_the_loop_defers_gradient_sync_only_where_the_plugin_allows(plugin, worl
     with Trainer._no_sync(trainer, sync=True):  # the last: always reduces
         pass
     assert calls == (["no_sync"] if deferred else [])
+
+
+class FlagReadInBackward:
+    """A booster as LowLevelZero behaves: no_sync clears a flag that its backward (the gradient hooks) reads, so only
+    a backward run inside the context skips the reduction. Records, per backward, whether it reduced."""
+
+    def __init__(self):
+        self.require_grad_sync = True
+        self.reduced: list[bool] = []
+
+    @contextmanager
+    def no_sync(self, model, optimizer):
+        self.require_grad_sync = False
+        try:
+            yield
+        finally:
+            self.require_grad_sync = True
+
+    def backward(self, loss, optimizer):
+        loss.backward()
+        self.reduced.append(self.require_grad_sync)
+
+
+def test_train_step_runs_each_backward_but_the_last_inside_no_sync():
+    weight = torch.nn.Parameter(torch.ones(()))
+    booster = FlagReadInBackward()
+    def model(**batch):  # a loss of the labels' mean, through one weight
+        return weight * batch["labels"].float().mean()
+
+    model.train = lambda: None
+    trainer = SimpleNamespace(
+        model=model, pipelined=False, device=torch.device("cpu"), booster=booster, defers_grad_sync=True, optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda: None),
+        autocast=nullcontext(), data_ranks=1, _to_device=lambda t: t, _labelled_over_ranks=float,
+        _sum_over_ranks=lambda t: t, _clip_and_norm=lambda: None)
+    trainer._no_sync = lambda sync: Trainer._no_sync(trainer, sync)
+    trainer._micro_batch = lambda *args: Trainer._micro_batch(trainer, *args)
+    micro_batches = [{"labels": torch.full((1, 4), float(i))} for i in range(3)]
+    result = Trainer.train_step(trainer, micro_batches)
+    assert booster.reduced == [False, False, True]  # one reduction per optimizer step, after the last micro-batch
+    assert result.finite and result.loss == pytest.approx((0 + 4 + 8) / 12)
