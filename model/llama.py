@@ -40,6 +40,12 @@ def fusable(*linears: nn.Module) -> bool:
     return all(type(linear) is nn.Linear and linear.bias is None for linear in linears)
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), through kernels/concat_linear.py for a plain bias-free nn.Linear: the same GEMMs, and a backward
+    that can sum its weight gradient in place under gradient accumulation."""
+    return concat_linear(x, layer.weight) if fusable(layer) else layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, kernels: Kernels):
         super().__init__()
@@ -65,7 +71,7 @@ class Attention(nn.Module):
             v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
             q, k = self.kernels.rotary(q, k, cos, sin)
         out = self.kernels.attention(q, k, v, doc_ids)  # (B, T, H, D)
-        return self.o_proj(out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
+        return linear(self.o_proj, out.reshape(*out.shape[:2], self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -81,8 +87,8 @@ class MLP(nn.Module):
         if fusable(self.gate_proj, self.up_proj):
             # one GEMM whose output (..., 2F) is [gate | up], activated in that layout (kernels/swiglu_packed.py)
             gate_up = concat_linear(x, self.gate_proj.weight, self.up_proj.weight)
-            return self.down_proj(self.kernels.swiglu_packed(gate_up))
-        return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+            return linear(self.down_proj, self.kernels.swiglu_packed(gate_up))
+        return linear(self.down_proj, self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

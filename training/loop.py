@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from model.config import LlamaConfig
 from model.kernels import resolve_kernels
+from model.kernels.concat_linear import weight_grads_summed_in_place
 from model.kernels.loss import IGNORE_INDEX
 from model.llama import LlamaForCausalLM
 
@@ -197,11 +198,15 @@ class Trainer:
     def _micro_batch(self, batch: dict, labelled: int, scale: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its summed token loss. Both run inside no_sync: torch
         DDP decides in the forward whether the backward reduces, but LowLevelZero's gradient hooks and backward()
-        read the flag during the backward, so a backward outside the context reduces every micro-batch."""
+        read the flag during the backward, so a backward outside the context reduces every micro-batch. Under
+        no_sync nothing waits for the gradients, so the linear layers may sum theirs inside their GEMMs
+        (model/kernels/concat_linear.py)."""
+        deferred = not sync and self.defers_grad_sync
         with self._no_sync(sync):
             with self.autocast:
                 loss_sum = self.model(**batch) * labelled
-            self.booster.backward(loss_sum * scale, self.optimizer)
+            with weight_grads_summed_in_place(deferred):
+                self.booster.backward(loss_sum * scale, self.optimizer)
         return loss_sum.detach()
 
     def _labelled_over_ranks(self, local: int) -> float | torch.Tensor:

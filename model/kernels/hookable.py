@@ -24,8 +24,9 @@ import torch
 
 
 def plain(t):
-    """`t` as a plain torch.Tensor with the same storage and autograd history; anything else unchanged."""
-    if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor:
+    """`t` as a plain torch.Tensor with the same storage and autograd history; anything else unchanged. A plain
+    nn.Parameter stays itself: it overrides no torch function, and a kernel may need the leaf (its .grad)."""
+    if not isinstance(t, torch.Tensor) or type(t) in (torch.Tensor, torch.nn.Parameter):
         return t
     with torch._C.DisableTorchFunctionSubclass():  # else ColoTensor would wrap the result again
         return t.as_subclass(torch.Tensor)

@@ -1,5 +1,6 @@
 """The suite's Llama on its own: configs, packing, kernel tables, clear errors."""
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
@@ -126,6 +127,74 @@ def test_concat_linear_with_frozen_weights_gives_only_the_input_gradient():
     assert all(w.grad is None for w in weights)
 
 
+def accumulated_grads(model, micro_batches, summed_in_place: bool) -> tuple[dict, Counter]:
+    """The gradients of the micro-batches' losses, summed; with `summed_in_place`, every backward but the last runs
+    under weight_grads_summed_in_place, as the loop's micro-batches under no_sync do. Also how many gradient tensors
+    autograd was handed to add per parameter (gradient hooks also run, with None, for those summed in place)."""
+    from model.kernels.concat_linear import weight_grads_summed_in_place
+
+    model.zero_grad(set_to_none=True)
+    accumulations = Counter()
+
+    def count(name: str):
+        def hook(grad):
+            if grad is not None:
+                accumulations[name] += 1
+        return hook
+
+    handles = [p.register_hook(count(name)) for name, p in model.named_parameters()]
+    for i, ids in enumerate(micro_batches):
+        loss = model(ids, labels=ids)
+        with weight_grads_summed_in_place(summed_in_place and i < len(micro_batches) - 1):
+            loss.backward()
+    for handle in handles:
+        handle.remove()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, accumulations
+
+
+def test_weight_grads_summed_inside_the_gemms_equal_autograds_sums():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(SMALL, resolve_kernels("reference"))
+    micro_batches = [torch.randint(0, 300, (2, 12)) for _ in range(3)]
+    expected, autograd_sums = accumulated_grads(model, micro_batches, summed_in_place=False)
+    got, in_place_sums = accumulated_grads(model, micro_batches, summed_in_place=True)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-5, atol=1e-7), name
+    projections = {name for name in expected if name.endswith("_proj.weight")}
+    assert len(projections) == 7 * SMALL.num_hidden_layers
+    assert all(autograd_sums[name] == 3 for name in expected)
+    # the second micro-batch's projection gradients went into the first's inside the GEMMs, past AccumulateGrad;
+    # the first (no gradients yet) and the last (hooks must see it) went through AccumulateGrad
+    assert all(in_place_sums[name] == 2 for name in projections)
+    assert all(in_place_sums[name] == 3 for name in set(expected) - projections)  # norms, embeddings, lm_head
+
+
+@pytest.mark.parametrize("case", ["apart", "autocast"])
+def test_in_place_sums_leave_gradients_to_autograd_where_they_cannot_go_in_place(case):
+    """Gradients that do not lie side by side in one buffer (here one replaced by a copy), or of another dtype than
+    the GEMM's (a float32 weight under bf16 autocast, plain DDP's way), are summed by autograd as usual."""
+    from model.kernels.concat_linear import concat_linear, grads_side_by_side, weight_grads_summed_in_place
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    weights = [torch.nn.Parameter(torch.randn(n, 8)) for n in ((3, 2, 2) if case == "apart" else (3,))]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
+    with autocast:
+        out = concat_linear(x, *weights)
+    out.float().sum().backward()
+    assert grads_side_by_side(weights) is not None  # the split views of one GEMM's output
+    if case == "apart":
+        weights[1].grad = weights[1].grad.clone()
+        assert grads_side_by_side(weights) is None
+    expected = [2 * w.grad for w in weights]  # the same backward once more
+    with autocast:
+        out = concat_linear(x, *weights)
+    with weight_grads_summed_in_place():
+        out.float().sum().backward()
+    for got, want in zip([w.grad for w in weights], expected):
+        assert torch.allclose(got, want)
+
+
 def test_concat_linear_under_autocast_is_f_linear_under_autocast():
     """Float32 weights under bf16 autocast (how plain DDP trains): bf16 output, float32 weight gradients, the values
     of F.linear under the same autocast."""
@@ -152,7 +221,8 @@ class CountingLinear(torch.nn.Linear):
 
 
 def test_plain_linears_share_one_gemm_and_other_layers_run_apart(monkeypatch):
-    """Plain layers take the fused path (one concat_linear for q/k/v and one for gate/up per layer); replaced
+    """Plain layers take the fused path (one concat_linear for q/k/v and one for gate/up per layer, o and down
+    through it alone); replaced
     layers (tensor parallelism) run one by one through their own forward, with the same result."""
     import model.llama as llama
 
@@ -163,10 +233,10 @@ def test_plain_linears_share_one_gemm_and_other_layers_run_apart(monkeypatch):
     real = llama.concat_linear
     monkeypatch.setattr(llama, "concat_linear", lambda x, *w: calls.append(len(w)) or real(x, *w))
     fused = model(ids, labels=ids)
-    assert calls == [3, 2] * SMALL.num_hidden_layers
+    assert calls == [3, 1, 2, 1] * SMALL.num_hidden_layers  # q/k/v, o, gate/up, down
     for layer in model.model.layers:
-        for parent, name in [(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")] + \
-                            [(layer.mlp, n) for n in ("gate_proj", "up_proj")]:
+        for parent, name in [(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                            [(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]:
             plain = getattr(parent, name)
             replaced = CountingLinear(plain.in_features, plain.out_features, bias=False)
             replaced.weight = plain.weight

@@ -25,6 +25,7 @@ from gemini_chunks import counted_item_calls
 
 from model.config import CONFIGS
 from model.kernels import PRESETS, missing_packages, resolve_kernels
+from model.kernels.concat_linear import weight_grads_summed_in_place
 from model.llama import LlamaForCausalLM
 from training.plugins import builds_lazily, defers_grad_sync, model_init_context, zero_stage
 
@@ -153,10 +154,11 @@ def test_whole_parameters_on_one_gpu_train_like_sharded_ones(distributed):
     assert whole == pytest.approx(sharded, rel=RTOL), f"{whole} vs {sharded}"
 
 
-def accumulated_step_weights(stage: int, defer: bool) -> list[torch.Tensor]:
+def accumulated_step_weights(stage: int, defer: bool, in_place: bool = False) -> list[torch.Tensor]:
     """The weights after two optimizer steps of four micro-batches each, through LowLevelZero at `stage`; with
     `defer`, every micro-batch but a step's last runs under booster.no_sync, as the training loop does
-    (training/loop.py, plugins.defers_grad_sync)."""
+    (training/loop.py, plugins.defers_grad_sync), and with `in_place` those micro-batches' linear layers also sum
+    their weight gradients inside their GEMMs, as the loop has them do (model/kernels/concat_linear.py)."""
     from colossalai.booster import Booster
     from colossalai.booster.plugin import LowLevelZeroPlugin
     from colossalai.nn.optimizer import HybridAdam
@@ -172,7 +174,8 @@ def accumulated_step_weights(stage: int, defer: bool) -> list[torch.Tensor]:
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with booster.no_sync(model, optimizer) if defer and not last else nullcontext():
-                booster.backward(model(**batch) / len(micro_batches), optimizer)
+                with weight_grads_summed_in_place(in_place and defer and not last):
+                    booster.backward(model(**batch) / len(micro_batches), optimizer)
         optimizer.step()
         optimizer.zero_grad()
     weights = [p.detach().float().clone() for p in model.parameters()]
@@ -192,6 +195,22 @@ def test_zero2_on_one_gpu_accumulates_in_place_with_the_same_result(distributed)
     initial = [p.float() for p in LlamaForCausalLM(CONFIG, resolve_kernels("torch")).parameters()]
     assert max((w.cpu() - p).abs().max().item() for w, p in zip(deferred, initial)) > 1e-4, "no step was taken"
     for got, expected in zip(deferred, every_micro_batch):
+        assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)
+
+
+def test_weight_gradients_summed_in_place_give_the_same_steps(distributed):
+    """-p zero2 on one GPU, as the loop runs it: the micro-batches under no_sync sum the linear layers' weight
+    gradients inside their GEMMs (fp32 accumulation, one bf16 rounding) rather than through autograd (bf16 GEMM
+    output, then a bf16 add); the weights after two steps differ by at most a bf16 rounding step."""
+    from model.kernels import concat_linear as kernel
+
+    real, summed = kernel._sum_into_existing_grads, []
+    with mock.patch.object(kernel, "_sum_into_existing_grads", lambda *args: summed.append(real(*args)) or summed[-1]):
+        in_place = accumulated_step_weights(stage=zero_stage(1), defer=True, in_place=True)
+    # 2 steps x the 2 middle micro-batches of 4 (the first has no gradients yet, the last reduces) x 4 GEMMs a layer
+    assert sum(summed) == 2 * 2 * 4 * CONFIG.num_hidden_layers
+    through_autograd = accumulated_step_weights(stage=zero_stage(1), defer=True)
+    for got, expected in zip(in_place, through_autograd):
         assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from model.kernels import concat_linear
 from training.loop import Trainer
 from training.plugins import defers_grad_sync, zero_stage
 
@@ -43,11 +44,13 @@ def test_the_loop_defers_gradient_sync_only_where_the_plugin_allows(plugin, worl
 
 class FlagReadInBackward:
     """A booster as LowLevelZero behaves: no_sync clears a flag that its backward (the gradient hooks) reads, so only
-    a backward run inside the context skips the reduction. Records, per backward, whether it reduced."""
+    a backward run inside the context skips the reduction. Records, per backward, whether it reduced and whether
+    the linear layers summed their weight gradients in place (model/kernels/concat_linear.py)."""
 
     def __init__(self):
         self.require_grad_sync = True
         self.reduced: list[bool] = []
+        self.summed_in_place: list[bool] = []
 
     @contextmanager
     def no_sync(self, model, optimizer):
@@ -60,22 +63,28 @@ class FlagReadInBackward:
     def backward(self, loss, optimizer):
         loss.backward()
         self.reduced.append(self.require_grad_sync)
+        self.summed_in_place.append(concat_linear._sum_weight_grads_in_place)
 
 
-def test_train_step_runs_each_backward_but_the_last_inside_no_sync():
+@pytest.mark.parametrize("defers", [True, False])
+def test_train_step_runs_each_backward_but_the_last_inside_no_sync(defers):
     weight = torch.nn.Parameter(torch.ones(()))
     booster = FlagReadInBackward()
+
     def model(**batch):  # a loss of the labels' mean, through one weight
         return weight * batch["labels"].float().mean()
 
     model.train = lambda: None
     trainer = SimpleNamespace(
-        model=model, pipelined=False, device=torch.device("cpu"), booster=booster, defers_grad_sync=True, optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda: None),
-        autocast=nullcontext(), data_ranks=1, _to_device=lambda t: t, _labelled_over_ranks=float,
+        model=model, pipelined=False, device=torch.device("cpu"), booster=booster, defers_grad_sync=defers,
+        optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda: None), autocast=nullcontext(), data_ranks=1, _to_device=lambda t: t, _labelled_over_ranks=float,
         _sum_over_ranks=lambda t: t, _clip_and_norm=lambda: None)
     trainer._no_sync = lambda sync: Trainer._no_sync(trainer, sync)
     trainer._micro_batch = lambda *args: Trainer._micro_batch(trainer, *args)
     micro_batches = [{"labels": torch.full((1, 4), float(i))} for i in range(3)]
     result = Trainer.train_step(trainer, micro_batches)
-    assert booster.reduced == [False, False, True]  # one reduction per optimizer step, after the last micro-batch
+    # one reduction per optimizer step, after the last micro-batch; the others sum their gradients in place
+    assert booster.reduced == ([False, False, True] if defers else [True, True, True])
+    assert booster.summed_in_place == ([True, True, False] if defers else [False, False, False])
+    assert not concat_linear._sum_weight_grads_in_place  # switched off again after the step
     assert result.finite and result.loss == pytest.approx((0 + 4 + 8) / 12)
