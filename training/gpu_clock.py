@@ -42,7 +42,7 @@ class GpuClockSampler:
         self.read = read
         self.limits = limits
         self.interval_s = interval_s
-        self._run = self._window = ReadingMeans()
+        self._run, self._window = ReadingMeans(), ReadingMeans()
         self._lock = threading.Lock()  # the sampling thread adds while the training thread takes windows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -201,8 +201,8 @@ class Trainer:
         read the flag during the backward, so a backward outside the context reduces every micro-batch. Under
         no_sync nothing waits for the gradients, so the linear layers may sum theirs inside their GEMMs
         (model/kernels/concat_linear.py)."""
-        deferred = not sync and self.defers_grad_sync
-        with self._no_sync(sync):
+        deferred = not sync and self.defers_grad_sync  # this micro-batch's gradients wait for the step's last
+        with self.booster.no_sync(self.model, self.optimizer) if deferred else nullcontext():
             with self.autocast:
                 loss_sum = self.model(**batch) * labelled
             with weight_grads_summed_in_place(deferred):
@@ -243,11 +243,6 @@ class Trainer:
         self.booster.execute_pipeline(iter([batch]), self.model, token_weighted, self.optimizer, return_loss=False)
         dist.all_reduce(total, group=self.booster.plugin.pp_group)  # from the last stage to all (zero elsewhere)
         return total
-
-    def _no_sync(self, sync: bool):
-        if sync or not self.defers_grad_sync:
-            return nullcontext()
-        return self.booster.no_sync(self.model, self.optimizer)
 
     def _clip_and_norm(self) -> float | None:
         if clips_inside_optimizer(self.args.plugin):

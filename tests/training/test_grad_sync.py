@@ -25,23 +25,6 @@ def plugin_supporting_no_sync(plugin_name: str, world_size: int) -> SimpleNamesp
     return SimpleNamespace(support_no_sync=lambda: supports)
 
 
-@pytest.mark.parametrize("plugin, world_size, deferred", [
-    ("ddp", 1, True), ("ddp", 4, True), ("zero2", 1, True), ("zero2_cpu", 1, True), ("zero2", 2, False),
-    ("zero2_cpu", 2, False), ("gemini", 1, False), ("gemini_auto", 1, False), ("hybrid_parallel", 1, False),
-])
-def test_the_loop_defers_gradient_sync_only_where_the_plugin_allows(plugin, world_size, deferred):
-    calls = []
-    booster = SimpleNamespace(no_sync=lambda model, optimizer: calls.append("no_sync") or nullcontext())
-    supports = plugin_supporting_no_sync(plugin, world_size)
-    trainer = SimpleNamespace(defers_grad_sync=defers_grad_sync(plugin, supports), booster=booster, model=None,
-                              optimizer=None)
-    with Trainer._no_sync(trainer, sync=False):  # a micro-batch before the step's last
-        pass
-    with Trainer._no_sync(trainer, sync=True):  # the last: always reduces
-        pass
-    assert calls == (["no_sync"] if deferred else [])
-
-
 class FlagReadInBackward:
     """A booster as LowLevelZero behaves: no_sync clears a flag that its backward (the gradient hooks) reads, so only
     a backward run inside the context skips the reduction. Records, per backward, whether it reduced and whether
@@ -66,21 +49,44 @@ class FlagReadInBackward:
         self.summed_in_place.append(concat_linear._sum_weight_grads_in_place)
 
 
-@pytest.mark.parametrize("defers", [True, False])
-def test_train_step_runs_each_backward_but_the_last_inside_no_sync(defers):
+def fake_trainer(booster, defers: bool) -> SimpleNamespace:
+    """Just what Trainer.train_step and _micro_batch read, around a model whose loss is the labels' mean times one
+    weight, on the CPU with one rank."""
     weight = torch.nn.Parameter(torch.ones(()))
-    booster = FlagReadInBackward()
 
-    def model(**batch):  # a loss of the labels' mean, through one weight
+    def model(**batch):
         return weight * batch["labels"].float().mean()
 
     model.train = lambda: None
     trainer = SimpleNamespace(
         model=model, pipelined=False, device=torch.device("cpu"), booster=booster, defers_grad_sync=defers,
-        optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda: None), autocast=nullcontext(), data_ranks=1, _to_device=lambda t: t, _labelled_over_ranks=float,
-        _sum_over_ranks=lambda t: t, _clip_and_norm=lambda: None)
-    trainer._no_sync = lambda sync: Trainer._no_sync(trainer, sync)
+        optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda: None), autocast=nullcontext(),
+        data_ranks=1, _to_device=lambda t: t, _labelled_over_ranks=float, _sum_over_ranks=lambda t: t,
+        _clip_and_norm=lambda: None)
     trainer._micro_batch = lambda *args: Trainer._micro_batch(trainer, *args)
+    return trainer
+
+
+@pytest.mark.parametrize("plugin, world_size, deferred", [
+    ("ddp", 1, True), ("ddp", 4, True), ("zero2", 1, True), ("zero2_cpu", 1, True), ("zero2", 2, False),
+    ("zero2_cpu", 2, False), ("gemini", 1, False), ("gemini_auto", 1, False), ("hybrid_parallel", 1, False),
+])
+def test_the_loop_defers_gradient_sync_only_where_the_plugin_allows(plugin, world_size, deferred):
+    calls = []
+    booster = FlagReadInBackward()
+    booster.no_sync = lambda model, optimizer: calls.append("no_sync") or nullcontext()
+    supports = plugin_supporting_no_sync(plugin, world_size)
+    trainer = fake_trainer(booster, defers_grad_sync(plugin, supports))
+    batch = {"labels": torch.ones(1, 4)}
+    Trainer._micro_batch(trainer, batch, 4, 1.0, sync=False)  # a micro-batch before the step's last
+    Trainer._micro_batch(trainer, batch, 4, 1.0, sync=True)  # the last: always reduces
+    assert calls == (["no_sync"] if deferred else [])
+
+
+@pytest.mark.parametrize("defers", [True, False])
+def test_train_step_runs_each_backward_but_the_last_inside_no_sync(defers):
+    booster = FlagReadInBackward()
+    trainer = fake_trainer(booster, defers)
     micro_batches = [{"labels": torch.full((1, 4), float(i))} for i in range(3)]
     result = Trainer.train_step(trainer, micro_batches)
     # one reduction per optimizer step, after the last micro-batch; the others sum their gradients in place
