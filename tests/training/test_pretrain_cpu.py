@@ -73,13 +73,31 @@ def test_two_processes_train_together_like_one_with_their_global_batch(sample, t
     """2 ranks x batch 2 see the same global batches as 1 rank x batch 4: same losses, same weights."""
     ok(pretrain(sample, tmp_path / "two", "--max_steps", "6", nproc=2))
     ok(pretrain(sample, tmp_path / "one", "--max_steps", "6", "-b", "4"))
-    two, one = logged_losses(tmp_path / "two" / "tb"), logged_losses(tmp_path / "one" / "tb")
-    assert len(two) == len(one) == 6
-    assert two[-1] < two[0]
+    assert_same_training(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_train_like_one_without(sample, tmp_path):
+    """2 ranks x 4 micro-batches of 1 against 1 rank x batch 8, one micro-batch: the same global batches. Under
+    DDP the first three micro-batches run inside no_sync: the first makes the gradients, the next two sum their
+    linear layers' weight gradients into them inside their GEMMs; the last adds through autograd and DDP reduces
+    the sums once. Same losses, same weights."""
+    global_batch = ["--max_steps", "6", "--global_batch_tokens", str(8 * 64)]
+    ok(pretrain(sample, tmp_path / "two", *global_batch, "-b", "1", nproc=2))
+    ok(pretrain(sample, tmp_path / "one", *global_batch, "-b", "8"))
+    assert_same_training(tmp_path / "two", tmp_path / "one")
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    """Two runs of the same global batches: their losses and final weights agree up to float rounding."""
+    losses, reference_losses = logged_losses(run / "tb"), logged_losses(reference / "tb")
+    assert len(losses) == len(reference_losses) == 6
+    assert losses[-1] < losses[0]
     # the loss is the mean over the global batch, however it is split: equal up to float rounding
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-4)
-    for name, weight in final_weights(tmp_path / "one" / "ckpt").items():
-        torch.testing.assert_close(final_weights(tmp_path / "two" / "ckpt")[name], weight, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-4)
+    trained = final_weights(run / "ckpt")
+    for name, weight in final_weights(reference / "ckpt").items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.slow
