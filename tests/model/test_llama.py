@@ -222,8 +222,8 @@ class CountingLinear(torch.nn.Linear):
 
 def test_plain_linears_share_one_gemm_and_other_layers_run_apart(monkeypatch):
     """Plain layers take the fused path (one concat_linear for q/k/v and one for gate/up per layer, o and down
-    through it alone); replaced
-    layers (tensor parallelism) run one by one through their own forward, with the same result."""
+    through it alone); replaced layers (tensor parallelism) run one by one through their own forward, with the same
+    result."""
     import model.llama as llama
 
     torch.manual_seed(0)
