@@ -52,7 +52,7 @@ PRESETS = {
 AUTO_CANDIDATES = {"rms_norm": ("liger", "flash_attn"), "add_rms_norm": ("triton", "liger", "flash_attn"),
                    "rotary": ("liger", "flash_attn"), "qkv_rotary": ("triton", "liger", "flash_attn"),
                    "swiglu": ("liger", "flash_attn"),
-                   "swiglu_packed": ("triton", "flash_attn"), "loss": ("liger", "flash_attn")}
+                   "swiglu_packed": ("triton", "flash_attn"), "loss": ("triton", "liger", "flash_attn")}
 PRESET_NAMES = (*PRESETS, "auto")
 
 

@@ -6,6 +6,8 @@ over the labelled tokens of the micro-batch.
 
 Backends:
   torch       the reference: full logits, float32 cross-entropy.
+  triton      this suite's fused linear + cross-entropy (triton_cross_entropy.py): Liger's chunked scheme without its
+              two waits for the GPU per call; the mean's division happens on the device.
   liger       liger-kernel's fused linear + cross-entropy: logits in chunks of tokens (LIGER_CHUNK_MEM_CONST), gradients
               computed in the forward, no float32 copy of the logits. Weight gradient accumulated in float32.
   liger_ce    full logits, liger-kernel's Triton cross-entropy (no float32 copy of the logits).
@@ -30,6 +32,15 @@ def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, label
     """Reference. hidden (N, d), weight (V, d), labels (N,). Cross-entropy in float32."""
     logits = F.linear(hidden, weight).float()  # (N, V)
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+
+@hookable
+def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from .triton_cross_entropy import LinearCrossEntropySum
+
+    # gradients in the forward only when a backward can follow (an evaluation's hidden states need none)
+    loss_sum = LinearCrossEntropySum.apply(hidden, weight, labels, IGNORE_INDEX, torch.is_grad_enabled())
+    return loss_sum / (labels != IGNORE_INDEX).sum()
 
 
 @hookable
@@ -59,11 +70,13 @@ def linear_cross_entropy_flash_attn(hidden: torch.Tensor, weight: torch.Tensor, 
 
 BACKENDS = {
     "torch": linear_cross_entropy_torch,
+    "triton": linear_cross_entropy_triton,
     "liger": linear_cross_entropy_liger,
     "liger_ce": linear_cross_entropy_liger_ce,
     "flash_attn": linear_cross_entropy_flash_attn,
 }
 REQUIRES = {
+    "triton": ("triton",),
     "liger": ("liger_kernel", "triton"),
     "liger_ce": ("liger_kernel", "triton"),
     "flash_attn": ("flash_attn", "triton"),

@@ -97,10 +97,10 @@ def test_auto_without_cuda_is_the_torch_preset(monkeypatch):
 
 @pytest.mark.parametrize("capability, installed, expected", [
     ((9, 0), True, {"attention": "sdpa_cudnn", "rms_norm": "liger", "add_rms_norm": "triton",
-                    "qkv_rotary": "triton", "swiglu_packed": "triton", "loss": "liger"}),
+                    "qkv_rotary": "triton", "swiglu_packed": "triton", "loss": "triton"}),
     ((9, 0), False, {"attention": "sdpa_cudnn", "rms_norm": "torch", "add_rms_norm": "torch",
                      "qkv_rotary": "torch", "swiglu_packed": "torch", "loss": "torch"}),
-    ((8, 0), True, {"attention": "flash_attn", "rms_norm": "liger", "loss": "liger"}),
+    ((8, 0), True, {"attention": "flash_attn", "rms_norm": "liger", "loss": "triton"}),
     ((8, 0), False, {"attention": "sdpa_flash", "rms_norm": "torch", "loss": "torch"}),
     ((7, 0), False, {"attention": "sdpa", "rms_norm": "torch", "loss": "torch"}),
 ], ids=["hopper", "hopper-bare", "ampere", "ampere-bare", "volta-bare"])
@@ -431,3 +431,55 @@ def test_backend_matches_reference_on_gpu(op, backend, dtype):
             if not error <= allowed:
                 failures.append(f"{case['name']} {label}: relative error {error:.2e} > {allowed:.2e}")
     assert not failures, "; ".join(failures)
+
+
+# ---- the triton loss: chunks, long rows, autocast, and no waiting for the GPU ----------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget, max_block, autocast", [(1, 32768, False), (16, 256, False), (1, 256, True)],
+                         ids=["two-chunks", "four-blocks-per-row", "autocast-two-chunks"])
+def test_triton_loss_paths_match_reference(monkeypatch, budget, max_block, autocast):
+    """The parity test above runs one chunk of rows whose vocabulary fits one block. Here: rows in two chunks (the
+    weight gradient summed inside the second chunk's GEMM), rows longer than one block (the online logsumexp), and
+    float32 weights under bfloat16 autocast, as plain DDP trains (chunks summed in float32)."""
+    if missing_packages("loss", "triton"):
+        pytest.skip("needs triton")
+    from model.kernels import triton_cross_entropy
+
+    monkeypatch.setattr(triton_cross_entropy, "LOGITS_BUDGET", budget)
+    monkeypatch.setattr(triton_cross_entropy, "MAX_BLOCK", max_block)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    case = op_cases("loss", dtype, "cuda")[0]  # 512 rows of 512, a vocabulary of 1000
+    assert triton_cross_entropy.rows_per_chunk(512, 512, 1000) == (256 if budget == 1 else 512)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        exact = run_op(OP_TABLES["loss"]["torch"], case, torch.float32)
+        reference = run_op(OP_TABLES["loss"]["torch"], case)
+        actual = run_op(OP_TABLES["loss"]["triton"], case)
+    for label, a, r, e in zip(["loss", "grad hidden", "grad weight"], actual, reference, exact):
+        error, allowed = relative_error(a, e), max(1e-2, 2 * relative_error(r, e))
+        assert error <= allowed, f"{label}: relative error {error:.2e} > {allowed:.2e}"
+
+
+def _forward_backward_under_sync_errors(loss_fn, case) -> None:
+    hidden, weight, labels = (a.detach().clone().requires_grad_(i < 2) if i < 2 else a
+                              for i, a in enumerate(case["args"]))
+    loss_fn(hidden, weight, labels).backward()  # compile and autotune outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (loss_fn(hidden, weight, labels) * 0.5).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_triton_loss_never_waits_for_the_gpu():
+    """A wait for the GPU inside a micro-batch empties its queue, and the GPU idles while the host catches up. The
+    triton loss runs forward and backward without one; Liger's, where installed, shows that this test catches one
+    (its forward's .item(), its backward's torch.equal)."""
+    if missing_packages("loss", "triton"):
+        pytest.skip("needs triton")
+    case = op_cases("loss", torch.bfloat16, "cuda")[0]
+    _forward_backward_under_sync_errors(OP_TABLES["loss"]["triton"], case)
+    if not missing_packages("loss", "liger"):
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            _forward_backward_under_sync_errors(OP_TABLES["loss"]["liger"], case)
