@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import torch
 
-from training import gemini_fixes
+from training import gemini_fixes, zero_fixes
 
 FP16_INITIAL_SCALE = 2**16  # the loss scale fp16 runs start from; the plugins' scalers adapt it
 
@@ -19,6 +19,7 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
     if args.plugin == "ddp":
         return TorchDDPPlugin()
     if args.plugin in ("zero2", "zero2_cpu"):
+        zero_fixes.apply()
         return LowLevelZeroPlugin(
             stage=zero_stage(_world_size()), precision=precision, initial_scale=FP16_INITIAL_SCALE,
             max_norm=args.grad_clip, cpu_offload=args.plugin == "zero2_cpu",

@@ -35,3 +35,36 @@ def test_gemini_records_each_chunks_gradient_norm_with_a_host_synchronisation():
     with counted_item_calls() as synchronised:
         own(chunk)
     assert len(synchronised) == 1 and chunk.l2_norm == 4.0
+
+
+def _count_norm_ops(rank: int, world_size: int) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from training import zero_fixes
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    gradients = [torch.ones(8, dtype=torch.bfloat16) for _ in range(20)]
+    group = torch.distributed.new_group([0])
+    counts = {}
+    for name, norm in (("theirs", zero_fixes.colossalais_own("_compute_grad_norm")),
+                       ("ours", zero_fixes.grad_norm_in_one_pass)):
+        with CountOps() as ops:
+            assert norm(None, group, gradients) == pytest.approx(160 ** 0.5)
+        counts[name] = ops.count
+    assert counts["theirs"] >= 3 * len(gradients) and counts["ours"] <= 10, counts
+
+
+def test_low_level_zero_takes_the_gradient_norm_one_gradient_at_a_time():
+    """Why training/zero_fixes.py replaces LowLevelZeroOptimizer._compute_grad_norm: colossalai's runs several
+    kernels per gradient (a float64 copy, a norm, a power, an addition), about 800 launches per step for 1b."""
+    from gloo_ranks import run_on_ranks
+
+    run_on_ranks(_count_norm_ops, world_size=1)
