@@ -96,11 +96,12 @@ COST = {  # why a plugin is slower than zero2, for the recommendation's reason
 }
 
 # How each kernel backend (model/kernels) saves memory. Backends not named here keep what the plain one keeps.
-LOSS_KINDS = {"torch": "plain", "liger": "fused_linear", "liger_ce": "fused_ce", "flash_attn": "fused_ce"}
+LOSS_KINDS = {"torch": "plain", "triton": "fused_linear", "liger": "fused_linear", "liger_ce": "fused_ce",
+              "flash_attn": "fused_ce"}
 PLAIN_LAYER_BACKENDS = ("torch",)  # RMSNorm/SwiGLU backends that keep fp32 copies and the silu output
 DENSE_MASK_ATTENTION = ("sdpa",)  # with packed documents: a dense (b, 1, T, T) mask per layer
-# `--kernels auto` resolves on the GPU; without one the planner assumes it finds liger and FlexAttention.
-AUTO_ASSUMED = {"attention": "flex", "rms_norm": "liger", "rotary": "liger", "swiglu": "liger", "loss": "liger"}
+# `--kernels auto` resolves on the GPU; without one the planner assumes it finds liger, triton and FlexAttention.
+AUTO_ASSUMED = {"attention": "flex", "rms_norm": "liger", "rotary": "liger", "swiglu": "liger", "loss": "triton"}
 
 
 def kernel_memory_flags(kernels: str | dict, attention_scope: str = "document") -> dict:

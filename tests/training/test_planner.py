@@ -323,3 +323,11 @@ def test_hf_config_path_plans_too(tmp_path, capsys):
     CONFIGS["tiny"].save_hf(tmp_path)
     plan_command.main(["-c", str(tmp_path), "--gpus", "1", "--gpu_mem", "16", "--json"])
     assert json.loads(capsys.readouterr().out)["params"]["total"] == LlamaConfig.from_name(str(tmp_path)).num_params()
+
+
+def test_every_loss_backend_has_a_memory_kind():
+    """A loss backend missing from LOSS_KINDS would be planned as one holding the full float32 logits."""
+    from model.kernels import OP_TABLES
+
+    assert set(planner.LOSS_KINDS) == set(OP_TABLES["loss"])
+    assert set(planner.AUTO_ASSUMED.items()) <= {(op, name) for op, table in OP_TABLES.items() for name in table}
