@@ -85,6 +85,8 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch
 
 
 def rows_per_chunk(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk, a power of two, so that a chunk's logits hold at most about LOGITS_BUDGET x (rows x hidden)
+    elements (Liger's rule)."""
     chunks = triton.cdiv(vocab, LOGITS_BUDGET * hidden)
     return min(rows, triton.next_power_of_2(triton.cdiv(rows, chunks)))
 
@@ -99,6 +101,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         x, w = hidden.to(dtype).contiguous(), weight.to(dtype)  # as F.linear would under autocast
+        labels = labels.contiguous()  # the kernel reads one label per row at unit stride
         grad_x = torch.empty_like(x) if with_grads and ctx.needs_input_grad[0] else None
         grad_w = None
         want_grad_w = with_grads and ctx.needs_input_grad[1]
