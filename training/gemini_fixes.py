@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .colossalai_patches import own_attribute, replace_attributes
+
 ORIGINALS: dict = {}  # (class, attribute) -> colossalai's own, kept by apply() for the tests' comparisons
 _colossalai_grad_handle = None  # GeminiDDP.grad_handle's function, bound once by apply(): it runs per gradient
 
@@ -37,21 +39,18 @@ def apply() -> None:
 
     if ORIGINALS:
         return
-    replacements = {
+    replace_attributes({
         (GeminiDDP, "grad_handle"): staticmethod(grad_handle_then_wait_for_its_stream),
         (Chunk, "set_l2_norm"): set_l2_norm_on_gpu,
         (Chunk, "has_inf_or_nan"): property(has_inf_or_nan_unless_bf16),
         (ChunkManager, "rearrange_accumulated_grad_chunk"): rearrange_accumulated_grad_chunk_in_place,
-    }
-    for (cls, name), replacement in replacements.items():
-        ORIGINALS[cls, name] = cls.__dict__[name]
-        setattr(cls, name, replacement)
+    }, ORIGINALS)
     _colossalai_grad_handle = ORIGINALS[GeminiDDP, "grad_handle"].__func__
 
 
 def colossalais_own(cls, name: str):
     """colossalai's attribute `name` of `cls` as it was before apply() (class-level: a function or a property)."""
-    return ORIGINALS.get((cls, name), cls.__dict__[name])
+    return own_attribute(ORIGINALS, cls, name)
 
 
 def grad_handle_then_wait_for_its_stream(grad, *args, async_reduce_stream=None, **kwargs):

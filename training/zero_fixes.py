@@ -20,26 +20,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-ORIGINALS: dict = {}  # attribute name -> colossalai's own LowLevelZeroOptimizer function, kept by apply()
+from .colossalai_patches import own_attribute, replace_attributes
+
+ORIGINALS: dict = {}  # (class, attribute) -> colossalai's own LowLevelZeroOptimizer function, kept by apply()
 
 
 def apply() -> None:
     """Install the replacements on colossalai's LowLevelZeroOptimizer (once; later calls do nothing)."""
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
 
-    if ORIGINALS:
-        return
-    for name, replacement in (("_compute_grad_norm", grad_norm_in_one_pass),
-                              ("_unscale_and_clip_grads", unscale_and_clip_at_once)):
-        ORIGINALS[name] = LowLevelZeroOptimizer.__dict__[name]
-        setattr(LowLevelZeroOptimizer, name, replacement)
+    replace_attributes({(LowLevelZeroOptimizer, "_compute_grad_norm"): grad_norm_in_one_pass,
+                        (LowLevelZeroOptimizer, "_unscale_and_clip_grads"): unscale_and_clip_at_once}, ORIGINALS)
 
 
 def colossalais_own(name: str):
     """LowLevelZeroOptimizer's function `name` as it was before apply()."""
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
 
-    return ORIGINALS.get(name, LowLevelZeroOptimizer.__dict__[name])
+    return own_attribute(ORIGINALS, LowLevelZeroOptimizer, name)
 
 
 def grad_norm_in_one_pass(optimizer, dp_pg, gradients: list[torch.Tensor], norm_type: float = 2) -> float:
