@@ -49,10 +49,11 @@ PRESETS = {
                    "swiglu_packed": "flash_attn", "loss": "flash_attn"},
 }
 # What `auto` tries for the ops other than attention, fastest first; the reference `torch` when none is installed.
+# The loss has one candidate: Liger's and flash-attn's fused losses need Triton too, so they never come second.
 AUTO_CANDIDATES = {"rms_norm": ("liger", "flash_attn"), "add_rms_norm": ("triton", "liger", "flash_attn"),
                    "rotary": ("liger", "flash_attn"), "qkv_rotary": ("triton", "liger", "flash_attn"),
                    "swiglu": ("liger", "flash_attn"),
-                   "swiglu_packed": ("triton", "flash_attn"), "loss": ("triton", "liger", "flash_attn")}
+                   "swiglu_packed": ("triton", "flash_attn"), "loss": ("triton",)}
 PRESET_NAMES = (*PRESETS, "auto")
 
 

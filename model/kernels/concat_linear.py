@@ -77,7 +77,7 @@ class _ConcatLinear(torch.autograd.Function):
         # Under autocast (plain DDP trains float32 weights that way) compute in the autocast dtype, as F.linear
         # would; the backward runs outside autocast, so it casts by itself, from the dtype of the saved input.
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = linear_dtype(x)
         x = x.to(dtype)
         ctx.save_for_backward(x, *weights)
         if not torch.compiler.is_compiling():
@@ -103,6 +103,12 @@ class _ConcatLinear(torch.autograd.Function):
 def concat_linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """x (..., d_in) and weights (d_out_i, d_in) -> (..., sum of d_out_i): the projections side by side."""
     return _ConcatLinear.apply(x, *weights)
+
+
+def linear_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would multiply x in: autocast's where autocast is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _joined(weights) -> torch.Tensor:

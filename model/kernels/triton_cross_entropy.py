@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .concat_linear import linear_dtype
+
 # Rows per chunk keep a chunk's logits within this many times the (rows x hidden) input, as Liger's chunk_mem_const
 # (kernels/loss.py says why 16: a 1b micro-batch of 16 x 2048 tokens is then one chunk).
 LOGITS_BUDGET = 16
@@ -98,8 +100,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                 with_grads: bool) -> torch.Tensor:
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        dtype = linear_dtype(hidden)
         x, w = hidden.to(dtype).contiguous(), weight.to(dtype)  # as F.linear would under autocast
         labels = labels.contiguous()  # the kernel reads one label per row at unit stride
         grad_x = torch.empty_like(x) if with_grads and ctx.needs_input_grad[0] else None
