@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import LlamaConfig
 from .kernels import Kernels, resolve_kernels
 from .kernels.attention import document_ids
-from .kernels.concat_linear import concat_linear
+from .kernels.concat_linear import concat_linear, place_side_by_side
 from .kernels.rotary import rotary_tables
 
 
@@ -157,6 +157,24 @@ class LlamaForCausalLM(nn.Module):
         with the torch kernels the norms, rotary and SwiGLU). In place, so parameter names, and with them
         checkpoints, stay those of Hugging Face; compilation itself happens at the first forward."""
         compile_each(self.model.layers)
+
+    def fused_weight_groups(self) -> list[list[nn.Parameter]]:
+        """The weights that one GEMM reads together (kernels/concat_linear.py): each layer's q/k/v, and its gate/up,
+        where those layers are plain (model/policy.py's tensor-parallel layers run one by one)."""
+        groups = []
+        for layer in self.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for linears in ((attention.q_proj, attention.k_proj, attention.v_proj), (mlp.gate_proj, mlp.up_proj)):
+                if fusable(*linears):
+                    groups.append([linear.weight for linear in linears])
+        return groups
+
+    def place_fused_weights_side_by_side(self) -> int:
+        """Each of fused_weight_groups moved into one buffer, in order (kernels/concat_linear.py
+        place_side_by_side), so that its GEMM reads the weights in place instead of copying them together every
+        forward and backward. Names, shapes and the parameters themselves stay as they are. Returns how many groups
+        now lie side by side."""
+        return sum(place_side_by_side(group) for group in self.fused_weight_groups())
 
     def _init_weights(self, module):
         # The initialisation of transformers' Llama: normal(0, initializer_range), norms at one.

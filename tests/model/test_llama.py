@@ -220,6 +220,87 @@ class CountingLinear(torch.nn.Linear):
     """A Linear that is not a plain nn.Linear, as colossalai's parallel layers are not."""
 
 
+class CountCats(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.cat.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_weights_placed_side_by_side_are_joined_without_a_copy():
+    """place_fused_weights_side_by_side: q/k/v and gate/up of every layer lie in one buffer each, the joined GEMMs
+    read them there (no cat, forward or backward), and the loss, every gradient and the state dict are those of
+    the model as built."""
+    from model.kernels.concat_linear import _joined, side_by_side
+
+    torch.manual_seed(0)
+    scattered = LlamaForCausalLM(SMALL, resolve_kernels("reference"))
+    placed = LlamaForCausalLM(SMALL, resolve_kernels("reference"))
+    placed.load_state_dict(scattered.state_dict())
+    parameters = list(placed.parameters())
+    assert all(side_by_side(group) is None for group in placed.fused_weight_groups())
+    assert placed.place_fused_weights_side_by_side() == 2 * SMALL.num_hidden_layers
+    assert list(placed.parameters()) == parameters  # the same objects: an optimizer built before still holds them
+    for group in placed.fused_weight_groups():
+        assert _joined(group).data_ptr() == group[0].data_ptr()
+    ids = torch.randint(0, 300, (2, 12))
+    cats = {}
+    for name, model in (("scattered", scattered), ("placed", placed)):
+        with CountCats() as counted:
+            model(ids, labels=ids).backward()
+        cats[name] = counted.count
+    # one cat per group in the forward and one in the backward, only without the placement
+    assert cats["scattered"] - cats["placed"] == 2 * len(placed.fused_weight_groups())
+    for (name, a), b in zip(scattered.named_parameters(), placed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    shapes = [{k: v.shape for k, v in model.state_dict().items()} for model in (placed, scattered)]
+    assert shapes[0] == shapes[1]
+    assert placed.place_fused_weights_side_by_side() == 2 * SMALL.num_hidden_layers  # a second call changes nothing
+    assert all(_joined(group).data_ptr() == group[0].data_ptr() for group in placed.fused_weight_groups())
+
+
+def test_weights_placed_side_by_side_save_and_load_as_separate_tensors(tmp_path):
+    """safetensors writes each view of the shared buffer as its own tensor (it refuses only overlapping ones), and
+    loading into a placed model copies into the buffer, keeping the placement."""
+    from safetensors.torch import load_file, save_file
+
+    from model.kernels.concat_linear import side_by_side
+
+    torch.manual_seed(0)
+    placed = LlamaForCausalLM(SMALL, resolve_kernels("reference"))
+    placed.place_fused_weights_side_by_side()
+    save_file(placed.state_dict(), tmp_path / "model.safetensors")
+    loaded = load_file(tmp_path / "model.safetensors")
+    for name, tensor in placed.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    other = LlamaForCausalLM(SMALL, resolve_kernels("reference"))
+    other.place_fused_weights_side_by_side()
+    other.load_state_dict(loaded)
+    assert all(side_by_side(group) is not None for group in other.fused_weight_groups())
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), placed.parameters()))
+
+
+def test_side_by_side_only_joins_tensors_contiguous_and_in_order():
+    from model.kernels.concat_linear import place_side_by_side, side_by_side
+
+    buffer = torch.arange(24.).reshape(6, 4)
+    assert torch.equal(side_by_side([buffer[:2], buffer[2:3], buffer[3:]]), buffer)
+    assert side_by_side([buffer[2:4], buffer[:2]]) is None  # out of order
+    assert side_by_side([buffer[:2], buffer[3:]]) is None  # a gap
+    assert side_by_side([buffer[:2], torch.zeros(2, 4)]) is None  # another storage
+    assert side_by_side([buffer[:, :2], buffer[:, 2:]]) is None  # not contiguous
+    freed = torch.arange(24.).reshape(6, 4)
+    views = [freed[:2], freed[2:]]
+    freed.untyped_storage().resize_(0)  # as Gemini leaves its parameters between uses
+    assert side_by_side(views) is None
+    mixed = [torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.ones(2, 4, dtype=torch.bfloat16))]
+    pointers = [p.data_ptr() for p in mixed]
+    assert not place_side_by_side(mixed) and [p.data_ptr() for p in mixed] == pointers  # left as they were
+
+
 def test_plain_linears_share_one_gemm_and_other_layers_run_apart(monkeypatch):
     """Plain layers take the fused path (one concat_linear for q/k/v and one for gate/up per layer, o and down
     through it alone); replaced layers (tensor parallelism) run one by one through their own forward, with the same
