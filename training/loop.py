@@ -30,7 +30,7 @@ from model.llama import LlamaForCausalLM
 from . import gpu_clock, metrics
 from .checkpoint import CheckpointManager, PreemptionFlag
 from .plugins import (build_optimizer, build_plugin, builds_lazily, clips_inside_optimizer, data_parallel_rank,
-                      defers_grad_sync, model_init_context)
+                      defers_grad_sync, model_init_context, place_weights_for_plugin)
 from .profiling import FORWARD_BACKWARD, OPTIMIZER_STEP
 
 
@@ -129,6 +129,7 @@ class Trainer:
         model = self.model_builder(args, self.config, kernels)
         if initial_weights is not None:
             load_weights(None, model, initial_weights, args.plugin, boosted=False)
+        place_weights_for_plugin(model, args.plugin, args.mixed_precision)
         optimizer = build_optimizer(model, args)
         warmup = args.warmup_steps if args.warmup_steps is not None else max(10, self.total_steps // 100)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -199,6 +199,33 @@ def model_init_context(plugin_name: str):
     return nullcontext()
 
 
+# the dtype colossalai's LowLevelZeroModel casts the model to, by --mixed_precision; fp32 stays as it is
+_LOW_LEVEL_ZERO_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place_weights_for_plugin(model: torch.nn.Module, plugin_name: str, precision: str) -> None:
+    """For the plugins that take an eagerly built model (ddp, zero2, zero2_cpu): give it now the dtype and device
+    the plugin would give it, and lay each layer's q/k/v and gate/up weights side by side in one buffer
+    (model/llama.py place_fused_weights_side_by_side: their GEMMs then read them in place instead of a copy).
+
+    Before boosting, for two reasons. The plugin's own .to() makes new tensors for parameters of another dtype or
+    device, which would scatter the weights again, but keeps tensors that already have them. And LowLevelZero keeps
+    a view of each weight's storage, taken when it is built, to write the new values of weights larger than its
+    bucket into (7b's MLP weights): such weights moved after it would not be updated (tests/model/test_plugins_gpu.py
+    shows both). Gemini and hybrid_parallel build lazily and place parameters in their own chunks and shards: left
+    as they are.
+    """
+    place = getattr(model, "place_fused_weights_side_by_side", None)  # the suite's model; not --baseline hf's
+    if place is None or builds_lazily(plugin_name):
+        return
+    from colossalai.accelerator import get_accelerator
+
+    if plugin_name in ("zero2", "zero2_cpu") and precision in _LOW_LEVEL_ZERO_DTYPES:
+        model.to(_LOW_LEVEL_ZERO_DTYPES[precision])  # first, as LowLevelZeroModel does: 7b's fp32 stays on the host
+    model.to(get_accelerator().get_current_device())
+    place()
+
+
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """HybridAdam (fused CUDA / CPU Adam) with a GPU, torch AdamW without.
 

@@ -27,7 +27,7 @@ from model.config import CONFIGS
 from model.kernels import PRESETS, missing_packages, resolve_kernels
 from model.kernels.concat_linear import weight_grads_summed_in_place
 from model.llama import LlamaForCausalLM
-from training.plugins import builds_lazily, defers_grad_sync, model_init_context, zero_stage
+from training.plugins import builds_lazily, defers_grad_sync, model_init_context, place_weights_for_plugin, zero_stage
 
 pytestmark = pytest.mark.gpu
 
@@ -212,6 +212,84 @@ def test_weight_gradients_summed_in_place_give_the_same_steps(distributed):
     through_autograd = accumulated_step_weights(stage=zero_stage(1), defer=True)
     for got, expected in zip(in_place, through_autograd):
         assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)
+
+
+# LowLevelZero's bucket, in millions of elements, under which the tiny model's weights pass their updates through a
+# separate buffer, as 1b's do under the default 12: 7b's 45M-element MLP weights take the other path, a direct write
+SMALL_BUCKET_M = 0.01
+
+
+def weights_after_steps(plugin_name: str, place: str | None,
+                        bucket_m: float | None = None) -> tuple[list[torch.Tensor], bool]:
+    """The weights after three steps of `plugin_name` from the same initial weights, with the q/k/v and gate/up
+    weights placed side by side (training/plugins.py place_weights_for_plugin) `before` boosting, as the loop does,
+    `after` it, or not at all; and whether they still lie side by side at the end. `bucket_m`: LowLevelZero's
+    reduce_bucket_size_in_m."""
+    from colossalai.booster.plugin import LowLevelZeroPlugin
+
+    from colossalai.booster import Booster
+    from colossalai.nn.optimizer import HybridAdam
+
+    from model.kernels.concat_linear import side_by_side
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG, resolve_kernels("auto"))
+    precision = "fp32" if plugin_name == "ddp" else "bf16"
+    if place == "before":
+        place_weights_for_plugin(model, plugin_name, precision)
+    else:
+        model = model.to(device)
+    plugin = make_plugin(plugin_name) if bucket_m is None else LowLevelZeroPlugin(
+        stage=2, precision="bf16", cpu_offload=plugin_name == "zero2_cpu", reduce_bucket_size_in_m=bucket_m)
+    booster = Booster(plugin=plugin)
+    model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
+    inner = model.unwrap()
+    if place == "after":
+        inner.place_fused_weights_side_by_side()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if plugin_name == "ddp" else nullcontext()
+    data = [{k: v.to(device) for k, v in batch.items()} for batch in batches()]
+    for step in range(3):
+        with autocast:
+            loss = model(**data[step % 2])
+        booster.backward(loss, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    placed = all(side_by_side(group) is not None for group in inner.fused_weight_groups())
+    weights = [p.detach().float().clone() for p in inner.parameters()]
+    del model, optimizer, booster
+    torch.cuda.empty_cache()
+    return weights, placed
+
+
+@pytest.mark.parametrize("plugin_name, bucket_m", [("zero2", None), ("zero2", SMALL_BUCKET_M),
+                                                  ("zero2_cpu", SMALL_BUCKET_M), ("ddp", None)])
+def test_weights_placed_side_by_side_train_exactly_like_scattered_ones(distributed, plugin_name, bucket_m):
+    """The loop places each layer's q/k/v and gate/up weights side by side before boosting the eager plugins: they
+    stay so through the steps (the GEMMs read them in place), and every weight after three steps is that of a run
+    without the placement, bit for bit (the GEMMs see the same joined weight either way); for LowLevelZero along
+    both of its ways of writing back the updated weights (SMALL_BUCKET_M)."""
+    placed, still_placed = weights_after_steps(plugin_name, "before", bucket_m)
+    scattered, _ = weights_after_steps(plugin_name, None, bucket_m)
+    assert still_placed
+    assert all(torch.equal(a, b) for a, b in zip(placed, scattered))
+
+
+def test_weights_moved_after_lowlevelzero_is_built_are_never_updated(distributed):
+    """Why the placement comes before boosting: LowLevelZero writes the new values of weights larger than its
+    bucket (7b's MLP weights) into views of the storage they had when it was built, so weights moved after it keep
+    their initial values."""
+    torch.manual_seed(0)
+    built = LlamaForCausalLM(CONFIG, resolve_kernels("auto"))
+    initial = [p.to(torch.bfloat16).float().cuda() for p in built.parameters()]  # as LowLevelZero casts them
+    moved_after, _ = weights_after_steps("zero2", "after", SMALL_BUCKET_M)
+    before, _ = weights_after_steps("zero2", "before", SMALL_BUCKET_M)
+    projections = [i for i, (name, _) in enumerate(built.named_parameters())
+                   if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                                     "up_proj.weight"))]
+    assert len(projections) == 5 * CONFIG.num_hidden_layers
+    assert all(torch.equal(moved_after[i], initial[i]) for i in projections)
+    assert not any(torch.equal(before[i], initial[i]) for i in projections)
 
 
 @contextmanager
