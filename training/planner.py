@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 
 from model.config import LlamaConfig
-from model.kernels.loss import LIGER_CHUNK_MEM_CONST
+from model.kernels.loss import fused_chunk_rows
 from training.metrics import PEAK_BF16_FLOPS, TAGS
 from training.plugins import GEMINI_PREFETCH_SEVERAL_GPUS
 
@@ -222,18 +222,11 @@ def _backward_workspace_bytes(config: LlamaConfig) -> int:
 def _loss_bytes(config: LlamaConfig, tokens: int, loss_kernel: str, tp: int) -> float:
     d, V = config.hidden_size, config.vocab_size
     if loss_kernel == "fused_linear":  # + one chunk of bf16 logits + the fp32 head-gradient accumulator
-        return (tokens * FUSED_LINEAR_BYTES_PER_TOKEN_D * d + BF16 * liger_chunk_tokens(config, tokens) * V
+        return (tokens * FUSED_LINEAR_BYTES_PER_TOKEN_D * d + BF16 * fused_chunk_rows(tokens, d, V) * V
                 + FP32 * V * d / tp)
     if loss_kernel == "fused_ce":
         return tokens * FUSED_CE_BYTES_PER_VOCAB * V / tp
     return tokens * PLAIN_LOSS_FP32_COPIES * FP32 * V / tp
-
-
-def liger_chunk_tokens(config: LlamaConfig, tokens: int) -> int:
-    """Tokens per chunk of Liger's fused linear cross-entropy: its own arithmetic (ops/fused_linear_cross_entropy.py)
-    with the suite's budget model.kernels.loss.LIGER_CHUNK_MEM_CONST."""
-    chunks_for_budget = -(-config.vocab_size // (LIGER_CHUNK_MEM_CONST * config.hidden_size))
-    return min(tokens, 1 << (-(-tokens // chunks_for_budget) - 1).bit_length())  # next power of two
 
 
 def _eval_bytes(config: LlamaConfig, tokens: int, loss_kernel: str, tp: int) -> float:

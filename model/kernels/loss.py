@@ -28,6 +28,14 @@ IGNORE_INDEX = -100
 LIGER_CHUNK_MEM_CONST = 16
 
 
+def fused_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk of the fused linear cross-entropies (Liger's arithmetic, which the triton backend and the memory
+    planner share): a power of two, so that a chunk's logits hold about LIGER_CHUNK_MEM_CONST x (rows x hidden)
+    elements at most."""
+    chunks = -(-vocab // (LIGER_CHUNK_MEM_CONST * hidden))
+    return min(rows, 1 << (-(-rows // chunks) - 1).bit_length())  # the next power of two
+
+
 def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Reference. hidden (N, d), weight (V, d), labels (N,). Cross-entropy in float32."""
     logits = F.linear(hidden, weight).float()  # (N, V)

@@ -16,10 +16,8 @@ import triton
 import triton.language as tl
 
 from .concat_linear import linear_dtype
+from .loss import fused_chunk_rows
 
-# Rows per chunk keep a chunk's logits within this many times the (rows x hidden) input, as Liger's chunk_mem_const
-# (kernels/loss.py says why 16: a 1b micro-batch of 16 x 2048 tokens is then one chunk).
-LOGITS_BUDGET = 16
 MAX_BLOCK = 32768  # columns per step of the row loop: a 32,000 vocabulary is one step
 
 
@@ -86,13 +84,6 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, losses: torch
                                    WRITE_GRAD=write_grad, BLOCK=block, num_warps=min(32, max(4, block // 1024)))
 
 
-def rows_per_chunk(rows: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk, a power of two, so that a chunk's logits hold at most about LOGITS_BUDGET x (rows x hidden)
-    elements (Liger's rule)."""
-    chunks = triton.cdiv(vocab, LOGITS_BUDGET * hidden)
-    return min(rows, triton.next_power_of_2(triton.cdiv(rows, chunks)))
-
-
 class LinearCrossEntropySum(torch.autograd.Function):
     """Sum over rows of cross-entropy(hidden @ weight.T, labels): hidden (rows, d), weight (vocab, d), labels (rows,).
     With `with_grads`, the forward also computes both gradients of the sum, which the backward scales."""
@@ -107,7 +98,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_w = None
         want_grad_w = with_grads and ctx.needs_input_grad[1]
         rows, vocab = x.shape[0], w.shape[0]
-        step = rows_per_chunk(rows, x.shape[1], vocab)
+        step = fused_chunk_rows(rows, x.shape[1], vocab)  # as Liger chunks
         logits = x.new_empty(step, vocab)
         losses = torch.empty(rows, dtype=torch.float32, device=x.device)
         for start in range(0, rows, step):

@@ -433,6 +433,18 @@ def test_backend_matches_reference_on_gpu(op, backend, dtype):
     assert not failures, "; ".join(failures)
 
 
+def test_fused_losses_cut_rows_into_power_of_two_chunks_within_the_logits_budget():
+    """loss.fused_chunk_rows, Liger's rule, which the triton loss and the memory planner share: a 1b
+    micro-batch of 16 x 2048 is one chunk; a vocabulary over LIGER_CHUNK_MEM_CONST x hidden splits it."""
+    from model.kernels.loss import LIGER_CHUNK_MEM_CONST, fused_chunk_rows
+
+    assert LIGER_CHUNK_MEM_CONST == 16
+    assert fused_chunk_rows(16 * 2048, 2048, 32000) == 16 * 2048
+    assert fused_chunk_rows(32768, 2048, 65536) == 16384  # two chunks
+    assert fused_chunk_rows(1000, 64, 5000) == 256  # five chunks of 200 rows, rounded up to a power of two
+    assert fused_chunk_rows(3, 64, 10**6) == 1
+
+
 # ---- the triton loss: chunks, long rows, autocast, and no waiting for the GPU ----------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("budget, max_block, autocast", [(1, 32768, False), (16, 256, False), (1, 256, True)],
@@ -443,13 +455,13 @@ def test_triton_loss_paths_match_reference(monkeypatch, budget, max_block, autoc
     float32 weights under bfloat16 autocast, as plain DDP trains (chunks summed in float32)."""
     if missing_packages("loss", "triton"):
         pytest.skip("needs triton")
-    from model.kernels import triton_cross_entropy
+    from model.kernels import loss, triton_cross_entropy
 
-    monkeypatch.setattr(triton_cross_entropy, "LOGITS_BUDGET", budget)
+    monkeypatch.setattr(loss, "LIGER_CHUNK_MEM_CONST", budget)
     monkeypatch.setattr(triton_cross_entropy, "MAX_BLOCK", max_block)
     dtype = torch.float32 if autocast else torch.bfloat16
     case = op_cases("loss", dtype, "cuda")[0]  # 512 rows of 512, a vocabulary of 1000
-    assert triton_cross_entropy.rows_per_chunk(512, 512, 1000) == (256 if budget == 1 else 512)
+    assert loss.fused_chunk_rows(512, 512, 1000) == (256 if budget == 1 else 512)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         exact = run_op(OP_TABLES["loss"]["torch"], case, torch.float32)
         reference = run_op(OP_TABLES["loss"]["torch"], case)
