@@ -9,6 +9,7 @@ import torch
 from training import gemini_fixes, zero_fixes
 
 FP16_INITIAL_SCALE = 2**16  # the loss scale fp16 runs start from; the plugins' scalers adapt it
+LOW_LEVEL_ZERO_PLUGINS = ("zero2", "zero2_cpu")  # colossalai's LowLevelZeroPlugin
 
 
 def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
@@ -18,7 +19,7 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
     precision = args.mixed_precision
     if args.plugin == "ddp":
         return TorchDDPPlugin()
-    if args.plugin in ("zero2", "zero2_cpu"):
+    if args.plugin in LOW_LEVEL_ZERO_PLUGINS:
         zero_fixes.apply()
         return LowLevelZeroPlugin(
             stage=zero_stage(_world_size()), precision=precision, initial_scale=FP16_INITIAL_SCALE,
@@ -220,7 +221,7 @@ def place_weights_for_plugin(model: torch.nn.Module, plugin_name: str, precision
         return
     from colossalai.accelerator import get_accelerator
 
-    if plugin_name in ("zero2", "zero2_cpu") and precision in _LOW_LEVEL_ZERO_DTYPES:
+    if plugin_name in LOW_LEVEL_ZERO_PLUGINS and precision in _LOW_LEVEL_ZERO_DTYPES:
         model.to(_LOW_LEVEL_ZERO_DTYPES[precision])  # first, as LowLevelZeroModel does: 7b's fp32 stays on the host
     model.to(get_accelerator().get_current_device())
     place()

@@ -52,16 +52,24 @@ def side_by_side(tensors) -> torch.Tensor | None:
     """Two-dimensional tensors of one width as one (sum of rows, width) view, when they lie contiguously, in order,
     in one storage; None otherwise (then only a copy can join them). Also None for views into a freed storage, as
     Gemini leaves its parameters between uses."""
+    if not _joinable(tensors):
+        return None
     first = tensors[0]
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for t in tensors:
-        if (t.dtype != first.dtype or t.dim() != 2 or t.shape[1] != first.shape[1] or not t.is_contiguous()
-                or t.storage_offset() != offset or t.untyped_storage().data_ptr() != storage):
+        if not t.is_contiguous() or t.storage_offset() != offset or t.untyped_storage().data_ptr() != storage:
             return None
         offset += t.numel()
     if first.untyped_storage().nbytes() < offset * first.element_size():
         return None
     return first.as_strided((sum(t.shape[0] for t in tensors), first.shape[1]), (first.shape[1], 1))
+
+
+def _joinable(tensors) -> bool:
+    """Whether the tensors can be rows of one matrix: two-dimensional, of one width, dtype and device."""
+    first = tensors[0]
+    return all(t.dim() == 2 and t.shape[1] == first.shape[1] and t.dtype == first.dtype and t.device == first.device
+               for t in tensors)
 
 
 def grads_side_by_side(weights) -> torch.Tensor | None:
@@ -78,12 +86,11 @@ def place_side_by_side(weights) -> bool:
     before keep them; only their .data moves. Returns False, changing nothing, for weights that cannot be joined
     (different dtypes, devices or widths). Call before a plugin keeps references to the weights' storage:
     colossalai's LowLevelZero writes the new values of large weights into views it took when it was built."""
-    first = weights[0]
     if side_by_side(weights) is not None:
         return True
-    if any(w.dtype != first.dtype or w.device != first.device or w.dim() != 2 or w.shape[1] != first.shape[1]
-           for w in weights):
+    if not _joinable(weights):
         return False
+    first = weights[0]
     buffer = torch.empty((sum(w.shape[0] for w in weights), first.shape[1]), dtype=first.dtype, device=first.device)
     for w, part in zip(weights, buffer.split([w.shape[0] for w in weights])):
         part.copy_(w)

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from dispatched_ops import DispatchedOps
 
 from model.config import CONFIGS, LlamaConfig
 from model.kernels import resolve_kernels
@@ -220,16 +221,6 @@ class CountingLinear(torch.nn.Linear):
     """A Linear that is not a plain nn.Linear, as colossalai's parallel layers are not."""
 
 
-class CountCats(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten.cat.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_weights_placed_side_by_side_are_joined_without_a_copy():
     """place_fused_weights_side_by_side: q/k/v and gate/up of every layer lie in one buffer each, the joined GEMMs
     read them there (no cat, forward or backward), and the loss, every gradient and the state dict are those of
@@ -249,9 +240,9 @@ def test_weights_placed_side_by_side_are_joined_without_a_copy():
     ids = torch.randint(0, 300, (2, 12))
     cats = {}
     for name, model in (("scattered", scattered), ("placed", placed)):
-        with CountCats() as counted:
+        with DispatchedOps() as ops:
             model(ids, labels=ids).backward()
-        cats[name] = counted.count
+        cats[name] = ops.calls.count(torch.ops.aten.cat.default)
     # one cat per group in the forward and one in the backward, only without the placement
     assert cats["scattered"] - cats["placed"] == 2 * len(placed.fused_weight_groups())
     for (name, a), b in zip(scattered.named_parameters(), placed.parameters()):

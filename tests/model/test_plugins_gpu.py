@@ -1,8 +1,9 @@
 """Every kernel preset under every booster plugin, on one GPU: the first 10 losses of a small Llama match the run
 with the reference kernels within bf16 tolerance.
 
-Each run builds the model from the same seeds (under LazyInitContext for Gemini and hybrid_parallel, as training
-does: training/plugins.py model_init_context, so the plugin materializes it), boosts it with HybridAdam, and trains
+Each run builds the model as training does, from the same seeds: under LazyInitContext for Gemini and
+hybrid_parallel (training/plugins.py model_init_context, so the plugin materializes it), and for the other plugins
+cast with its fused weights placed side by side (place_weights_for_plugin). It boosts it with HybridAdam and trains
 10 steps on fixed random tokens: even steps on packed documents (document-causal attention, labels -100 across
 boundaries), odd steps on plain causal rows. Runs are compared within one plugin, since lazy and eager construction
 draw different initial weights.
@@ -27,7 +28,7 @@ from model.config import CONFIGS
 from model.kernels import PRESETS, missing_packages, resolve_kernels
 from model.kernels.concat_linear import weight_grads_summed_in_place
 from model.llama import LlamaForCausalLM
-from training.plugins import builds_lazily, defers_grad_sync, model_init_context, place_weights_for_plugin, zero_stage
+from training.plugins import defers_grad_sync, model_init_context, place_weights_for_plugin, zero_stage
 
 pytestmark = pytest.mark.gpu
 
@@ -52,7 +53,8 @@ def distributed():
     yield
 
 
-def make_plugin(name: str):
+def make_plugin(name: str, bucket_m: float | None = None):
+    """The plugin `name` as these tests run it; `bucket_m`: LowLevelZero's reduce_bucket_size_in_m, if not its own."""
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
     from model.policy import LlamaPolicy
@@ -63,16 +65,20 @@ def make_plugin(name: str):
         return GeminiPlugin(placement_policy="static", precision="bf16", shard_param_frac=0.0)
     if name == "gemini_auto":
         return GeminiPlugin(placement_policy="auto", precision="bf16")
-    if name == "zero2":
-        return LowLevelZeroPlugin(stage=2, precision="bf16")
-    if name == "zero2_cpu":
-        return LowLevelZeroPlugin(stage=2, precision="bf16", cpu_offload=True)
+    if name in ("zero2", "zero2_cpu"):
+        bucket = {} if bucket_m is None else {"reduce_bucket_size_in_m": bucket_m}
+        return LowLevelZeroPlugin(stage=2, precision="bf16", cpu_offload=name == "zero2_cpu", **bucket)
     if name == "ddp":
         return TorchDDPPlugin()  # float32 weights; the step runs under bf16 autocast, as training does
     if name == "hybrid_parallel":
         return HybridParallelPlugin(tp_size=1, pp_size=1, zero_stage=0, precision="bf16",
                                     custom_policy=LlamaPolicy())
     raise ValueError(name)
+
+
+def precision(plugin_name: str) -> str:
+    """make_plugin's precision: bf16, but plain DDP trains float32 weights under autocast."""
+    return "fp32" if plugin_name == "ddp" else "bf16"
 
 
 def batches() -> list[dict]:
@@ -94,35 +100,40 @@ def batches() -> list[dict]:
 _LOSSES: dict[tuple[str, str], list[float]] = {}
 
 
-def first_losses(plugin_name: str, preset: str) -> list[float]:
-    if (plugin_name, preset) in _LOSSES:
-        return _LOSSES[plugin_name, preset]
-    from colossalai.booster import Booster
-    from colossalai.nn.optimizer import HybridAdam
-
+def train_steps(model, optimizer, booster, plugin_name: str, steps: int) -> list[float]:
+    """`steps` optimizer steps of the boosted model on batches(), alternating packed and plain rows; their losses."""
     device = torch.device("cuda", torch.cuda.current_device())
-    torch.manual_seed(0)
-    with model_init_context(plugin_name):
-        model = LlamaForCausalLM(CONFIG, resolve_kernels(preset))
-    if not builds_lazily(plugin_name):
-        model = model.to(device)
-    optimizer = HybridAdam(model.parameters(), lr=LR)
-    booster = Booster(plugin=make_plugin(plugin_name))
-    # The lazy weights materialize while boosting: Gemini's from the global stream, hybrid_parallel's from per-parameter
-    # generators seeded by torch.initial_seed() (model/policy.py seed_lazy_init), as pretrain.py's --seed does.
-    torch.manual_seed(1)
-    model, optimizer, *_ = booster.boost(model, optimizer)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if plugin_name == "ddp" else nullcontext()
     data = [{k: v.to(device) for k, v in batch.items()} for batch in batches()]
     losses = []
     model.train()
-    for step in range(STEPS):
+    for step in range(steps):
         with autocast:
             loss = model(**data[step % 2])
         booster.backward(loss, optimizer)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    return losses
+
+
+def first_losses(plugin_name: str, preset: str) -> list[float]:
+    if (plugin_name, preset) in _LOSSES:
+        return _LOSSES[plugin_name, preset]
+    from colossalai.booster import Booster
+    from colossalai.nn.optimizer import HybridAdam
+
+    torch.manual_seed(0)
+    with model_init_context(plugin_name):
+        model = LlamaForCausalLM(CONFIG, resolve_kernels(preset))
+    place_weights_for_plugin(model, plugin_name, precision(plugin_name))  # as the loop does; none for lazy builds
+    optimizer = HybridAdam(model.parameters(), lr=LR)
+    booster = Booster(plugin=make_plugin(plugin_name))
+    # The lazy weights materialize while boosting: Gemini's from the global stream, hybrid_parallel's from per-parameter
+    # generators seeded by torch.initial_seed() (model/policy.py seed_lazy_init), as pretrain.py's --seed does.
+    torch.manual_seed(1)
+    model, optimizer, *_ = booster.boost(model, optimizer)
+    losses = train_steps(model, optimizer, booster, plugin_name, STEPS)
     print(f"{plugin_name:>12} {preset:>10}: " + " ".join(f"{x:.4f}" for x in losses), flush=True)
     _LOSSES[plugin_name, preset] = losses
     del model, optimizer, booster
@@ -225,8 +236,6 @@ def weights_after_steps(plugin_name: str, place: str | None,
     weights placed side by side (training/plugins.py place_weights_for_plugin) `before` boosting, as the loop does,
     `after` it, or not at all; and whether they still lie side by side at the end. `bucket_m`: LowLevelZero's
     reduce_bucket_size_in_m."""
-    from colossalai.booster.plugin import LowLevelZeroPlugin
-
     from colossalai.booster import Booster
     from colossalai.nn.optimizer import HybridAdam
 
@@ -235,26 +244,16 @@ def weights_after_steps(plugin_name: str, place: str | None,
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     model = LlamaForCausalLM(CONFIG, resolve_kernels("auto"))
-    precision = "fp32" if plugin_name == "ddp" else "bf16"
     if place == "before":
-        place_weights_for_plugin(model, plugin_name, precision)
+        place_weights_for_plugin(model, plugin_name, precision(plugin_name))
     else:
         model = model.to(device)
-    plugin = make_plugin(plugin_name) if bucket_m is None else LowLevelZeroPlugin(
-        stage=2, precision="bf16", cpu_offload=plugin_name == "zero2_cpu", reduce_bucket_size_in_m=bucket_m)
-    booster = Booster(plugin=plugin)
+    booster = Booster(plugin=make_plugin(plugin_name, bucket_m))
     model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
     inner = model.unwrap()
     if place == "after":
         inner.place_fused_weights_side_by_side()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if plugin_name == "ddp" else nullcontext()
-    data = [{k: v.to(device) for k, v in batch.items()} for batch in batches()]
-    for step in range(3):
-        with autocast:
-            loss = model(**data[step % 2])
-        booster.backward(loss, optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, optimizer, booster, plugin_name, 3)
     placed = all(side_by_side(group) is not None for group in inner.fused_weight_groups())
     weights = [p.detach().float().clone() for p in inner.parameters()]
     del model, optimizer, booster

@@ -8,7 +8,7 @@ import torch
 
 from model.kernels import concat_linear
 from training.loop import Trainer
-from training.plugins import defers_grad_sync, zero_stage
+from training.plugins import LOW_LEVEL_ZERO_PLUGINS, defers_grad_sync, zero_stage
 
 
 def test_zero2_runs_lowlevelzero_stage_1_only_on_one_gpu():
@@ -18,7 +18,7 @@ def test_zero2_runs_lowlevelzero_stage_1_only_on_one_gpu():
 def plugin_supporting_no_sync(plugin_name: str, world_size: int) -> SimpleNamespace:
     """What colossalai's plugins answer to support_no_sync() as training/plugins.py builds them: TorchDDPPlugin and
     HybridParallelPlugin True, GeminiPlugin False, LowLevelZeroPlugin True at stage 1 only."""
-    if plugin_name in ("zero2", "zero2_cpu"):
+    if plugin_name in LOW_LEVEL_ZERO_PLUGINS:
         supports = zero_stage(world_size) == 1
     else:
         supports = plugin_name in ("ddp", "hybrid_parallel")
