@@ -19,8 +19,9 @@ from contextlib import nullcontext
 
 import torch
 
+from model.config import recomputed_layers
 from training import args as flags
-from training.baseline import build_hf_model, check_plugin
+from training.baseline import build_hf_model, check_plugin, check_recomputation
 from training.data import SyntheticLoader
 from training.loop import Trainer
 from training.plugins import data_parallel_rank
@@ -53,6 +54,8 @@ def main(argv=None) -> None:
     if given.profile:
         check_steps(given.max_steps)
     args, config, rank, world_size = resolve_run(parser(), argv)
+    if args.baseline == "hf":
+        check_recomputation(args.grad_checkpoint, config.num_hidden_layers)
     emit = _printer(rank)
     suite = emit(measure(args, config, rank, world_size, model_impl="suite", kernels=args.kernels))
     if args.baseline != "hf":
@@ -86,7 +89,8 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
         "kernels": kernels, "precision": args.mixed_precision, "gpus": world_size,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch": args.batch_size, "seq_len": args.max_length, "grad_accum": trainer.accum,
-        "grad_checkpoint": args.grad_checkpoint, "steps": args.max_steps,
+        "grad_checkpoint": recomputed_layers(args.grad_checkpoint, config.num_hidden_layers),  # layers recomputed
+        "steps": args.max_steps,
         "tokens_per_s_per_gpu": round(tokens_per_s, 1),
         "mfu": round(summary["mfu"], 4) if "mfu" in summary else None,
         "tflops_per_gpu": round(tokens_per_s * config.flops_per_token(args.max_length) / 1e12, 1),

@@ -14,6 +14,7 @@ import sys
 from model.config import LlamaConfig
 from model.kernels import PRESET_NAMES
 from training import planner
+from training.args import layer_count
 
 GPU_BY_MEM_GIB = {40: "A100", 80: "H100", 141: "H200"}  # the usual GPU of each memory size, for its peak FLOPs
 PHASES = {"loss backward": "loss bwd", "layer backward": "layer bwd", "optimizer step": "step"}
@@ -33,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
                    help="sequence length (default: the config's max_position_embeddings)")
     p.add_argument("-b", "--batch_size", type=int, default=None,
                    help="micro batch per GPU (default: the recommendation chooses; the table uses its choice)")
-    p.add_argument("-g", "--grad_checkpoint", action="store_true", help="require recomputation")
+    p.add_argument("-g", "--grad_checkpoint", nargs="?", const=True, default=False, type=layer_count,
+                   metavar="LAYERS", help="require recomputation: of every layer, or of the first LAYERS (of each "
+                                          "pipeline stage)")
     p.add_argument("--global_batch_tokens", type=int, default=None, help="tokens per optimizer step over all GPUs")
     p.add_argument("--kernels", default="torch", choices=PRESET_NAMES,
                    help="kernel preset the run will use (default: torch; auto is assumed to find liger and flex)")
@@ -88,7 +91,7 @@ def plan_report(args, config, seq_len, gpu, peak_flops, kernel_flags) -> dict:
             config, n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seq_len=seq_len,
             global_batch_tokens=args.global_batch_tokens, gpus_per_node=args.gpus_per_node,
             host_mem_gib=args.host_mem, micro_batch=args.batch_size,
-            grad_checkpoint=True if args.grad_checkpoint else None, **kernel_flags)
+            grad_checkpoint=args.grad_checkpoint or None, **kernel_flags)
     except planner.DoesNotFit as error:
         does_not_fit = str(error)
     micro_batch = args.batch_size or (plan.micro_batch if plan else 1)
@@ -121,6 +124,13 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
+def recomputation(layers: int, layers_per_stage: int) -> str:
+    """The table's recompute column: no, all, or how many of the layers (of each pipeline stage)."""
+    if layers == 0:
+        return "no"
+    return "all" if layers == layers_per_stage else f"{layers} of {layers_per_stage}"
+
+
 def millions(n: int) -> str:
     return f"{n / 1e6:,.1f}M" if n >= 1e5 else f"{n:,}"
 
@@ -144,7 +154,7 @@ def render(report: dict) -> str:
         name = row["plugin"]
         if name == "hybrid_parallel":
             name += f" tp{row['tp']}xpp{row['pp']} z{row['zero']}"
-        rows.append([name, "yes" if row["grad_checkpoint"] else "no"]
+        rows.append([name, recomputation(row["grad_checkpoint"], row["layers_per_stage"])]
                     + [f"{row[c]:.1f}" for c in planner.MemoryEstimate.COMPONENTS]
                     + [f"{row['total_gib']:.1f}", PHASES[row["peak_phase"]], f"{row['eval_gib']:.1f}",
                        f"{row['host_gib']:.0f}", "yes" if row["fits"] else "NO"])

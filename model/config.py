@@ -155,3 +155,14 @@ CONFIGS: dict[str, LlamaConfig] = {
         num_key_value_heads=8, name="70b",
     ),
 }
+
+
+def recomputed_layers(grad_checkpoint: bool | int, layers: int) -> int:
+    """How many of `layers` decoder layers (a model's, or a pipeline stage's) recompute their activations in the
+    backward: all for True, none for False, else the first `grad_checkpoint` of them (all if it is more). Recomputing
+    only some of the layers trades less compute for memory than recomputing all (-g N)."""
+    if isinstance(grad_checkpoint, bool):
+        return layers if grad_checkpoint else 0
+    if grad_checkpoint < 0:
+        raise ValueError(f"the number of layers to recompute must be 0 or more, not {grad_checkpoint}")
+    return min(grad_checkpoint, layers)

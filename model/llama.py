@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import LlamaConfig
+from .config import LlamaConfig, recomputed_layers
 from .kernels import Kernels, resolve_kernels
 from .kernels.attention import document_ids
 from .kernels.concat_linear import concat_linear, place_side_by_side
@@ -134,10 +134,12 @@ class LlamaForCausalLM(nn.Module):
     Labels are already shifted: labels[b, t] is the target for position t, -100 to ignore (see corpus/).
     With `document_causal`, position_ids that restart at 0 mark packed documents: attention stays inside each
     document and rotary positions restart with it. Without it, rows are single causal sequences.
+    `grad_checkpoint` recomputes activations in training's backward: True for every layer, a number for the first
+    that many layers (of each pipeline stage), keeping only their inputs (config.py recomputed_layers).
     """
 
     def __init__(self, config: LlamaConfig, kernels: Kernels | None = None, *, document_causal: bool = True,
-                 grad_checkpoint: bool = False, compile_blocks: bool = False):
+                 grad_checkpoint: bool | int = False, compile_blocks: bool = False):
         super().__init__()
         self.config = config
         self.kernels = kernels or resolve_kernels("torch")
@@ -207,8 +209,10 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids) if stage is None or stage.is_first() else inputs  # (B, T, d)
         residual = None  # the stream is x + residual (DecoderLayer.forward)
-        for layer in self.model.layers if stage is None else self.model.layers[stage.layers()]:
-            if self.grad_checkpoint and self.training:
+        layers = self.model.layers if stage is None else self.model.layers[stage.layers()]
+        recomputed = recomputed_layers(self.grad_checkpoint, len(layers)) if self.training else 0
+        for index, layer in enumerate(layers):
+            if index < recomputed:  # which ones does not change the peak, all being held when the backward starts
                 x, residual = checkpoint(layer, x, cos, sin, doc_ids, residual, use_reentrant=False)
             else:
                 x, residual = layer(x, cos, sin, doc_ids, residual)

@@ -13,6 +13,23 @@ import torch
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "hybrid_parallel", "ddp")
 
 
+def layer_count(text: str) -> int:
+    """-g's LAYERS: a whole number of layers, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers, not '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more layers, not {value}")
+    return value
+
+
+def check_recomputed_layers(grad_checkpoint: bool | int, num_layers: int) -> None:
+    """-g LAYERS beyond the model's layers is a mistake (a number meant for another model), not "all"."""
+    if not isinstance(grad_checkpoint, bool) and grad_checkpoint > num_layers:
+        raise SystemExit(f"error: -g {grad_checkpoint}: the model has {num_layers} layers; -g alone recomputes all")
+
+
 def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None) -> None:
     """default_config None: the entry point takes the config from its weights (finetune.py), so no -c flag."""
     group = parser.add_argument_group("model")
@@ -27,7 +44,10 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None)
                        help="use the fastest fused kernels available (same as --kernels auto)")
     group.add_argument("--attention_scope", choices=("document", "sequence"), default="document",
                        help="document: packed documents do not attend to each other; sequence: plain causal rows")
-    group.add_argument("-g", "--grad_checkpoint", action="store_true", help="recompute activations in backward")
+    group.add_argument("-g", "--grad_checkpoint", nargs="?", const=True, default=False, type=layer_count,
+                       metavar="LAYERS", help="recompute activations in backward: every layer's, or with LAYERS the "
+                                              "first LAYERS layers' (of each pipeline stage), for less memory than "
+                                              "none and less compute than all")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each decoder layer (not with gemini; the first "
                             "steps pay the compilation)")

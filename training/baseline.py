@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import LlamaConfig
+from model.config import LlamaConfig, recomputed_layers
 from model.llama import compile_each
 from model.kernels.loss import IGNORE_INDEX
 
@@ -40,6 +40,13 @@ def check_plugin(plugin: str | None) -> None:
     if plugin == "hybrid_parallel":
         raise SystemExit("error: --baseline hf with -p hybrid_parallel: its sharding policy (model/policy.py) is for "
                          "the suite's model only; compare under -p ddp, zero2 or gemini")
+
+
+def check_recomputation(grad_checkpoint: bool | int, num_layers: int) -> None:
+    """transformers' activation checkpointing recomputes every layer or none, so -g LAYERS has no HF counterpart."""
+    if recomputed_layers(grad_checkpoint, num_layers) not in (0, num_layers):
+        raise SystemExit(f"error: --baseline hf with -g {grad_checkpoint}: transformers' activation checkpointing "
+                         f"recomputes every layer or none; use -g alone, or no -g")
 
 
 def build_hf_model(args: argparse.Namespace, config: LlamaConfig, kernels=None) -> HFLlama:

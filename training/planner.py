@@ -36,7 +36,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from model.config import LlamaConfig
+from model.config import LlamaConfig, recomputed_layers
 from model.kernels.loss import fused_chunk_rows
 from training.metrics import PEAK_BF16_FLOPS, TAGS
 from training.plugins import GEMINI_PREFETCH_SEVERAL_GPUS
@@ -250,7 +250,8 @@ class MemoryEstimate:
     n_gpus: int
     micro_batch: int
     seq_len: int
-    grad_checkpoint: bool
+    grad_checkpoint: int  # decoder layers recomputed (of each pipeline stage), 0 to layers_per_stage
+    layers_per_stage: int
     tp: int
     pp: int
     zero: int
@@ -283,12 +284,14 @@ class MemoryEstimate:
 
 
 def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int, seq_len: int,
-             grad_checkpoint: bool, fused_loss: bool = True, tp: int = 1, pp: int = 1, zero: int = 0,
+             grad_checkpoint: bool | int, fused_loss: bool = True, tp: int = 1, pp: int = 1, zero: int = 0,
              gpus_per_node: int = 8, fused_layers: bool | None = None, document_mask: bool = False,
              loss_kernel: str | None = None, offload_optim_frac: float = 0.0, grad_accum: int = 1,
              sequence_parallel: bool = False) -> MemoryEstimate:
     """Peak memory per GPU of one training configuration.
 
+    grad_checkpoint: recomputation as -g gives it: True for every layer, a number for the first that many of each
+    pipeline stage (model/config.py recomputed_layers).
     fused_loss: a fused linear cross-entropy that never holds the logits (else the plain fp32 loss).
     loss_kernel: "plain", "fused_linear" or "fused_ce" (bf16 logits kept); overrides fused_loss when given.
     fused_layers: fused RMSNorm/SwiGLU kernels that keep only bf16 inputs (None: same as fused_loss).
@@ -361,10 +364,12 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
     layer = layer_activation_bytes(config, fused_layers=fused_layers, document_mask=document_mask, seq_len=seq_len,
                                    tp=tp, sequence_parallel=sequence_parallel)
     split = tp if sequence_parallel else 1  # what lies along the sequence: layer inputs, the final norm
-    per_layer_saved = 2 * config.hidden_size / split if grad_checkpoint else layer  # checkpoint keeps the input
-    saved = tokens * (in_flight * layers_per_stage * per_layer_saved
+    recomputed = recomputed_layers(grad_checkpoint, layers_per_stage)
+    checkpointed = 2 * config.hidden_size / split  # a recomputed layer keeps its input only
+    per_stage = recomputed * checkpointed + (layers_per_stage - recomputed) * layer
+    saved = tokens * (in_flight * per_stage
                       + _outside_layers_bytes(config, fused_layers=fused_layers, loss_kernel=loss_kernel) / split)
-    recompute = tokens * layer if grad_checkpoint else 0.0
+    recompute = tokens * layer if recomputed else 0.0
     workspace = tokens * _backward_workspace_bytes(config) / tp
     loss = _loss_bytes(config, tokens, loss_kernel, tp)
 
@@ -384,8 +389,8 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
     host_gib = ranks_per_node * (HOST_BASE_GIB_PER_RANK + host / GIB)
 
     return MemoryEstimate(
-        plugin=plugin, n_gpus=n_gpus, micro_batch=micro_batch, seq_len=seq_len, grad_checkpoint=grad_checkpoint,
-        tp=tp, pp=pp, zero=zero, dp=dp, offload_optim_frac=offload_optim_frac,
+        plugin=plugin, n_gpus=n_gpus, micro_batch=micro_batch, seq_len=seq_len, grad_checkpoint=recomputed,
+        layers_per_stage=layers_per_stage, tp=tp, pp=pp, zero=zero, dp=dp, offload_optim_frac=offload_optim_frac,
         **{k: v / GIB for k, v in peak.items()}, overhead=overhead / GIB,
         allocated_gib=allocated / GIB, total_gib=(allocated + overhead) / GIB, host_gib=host_gib,
         eval_gib=eval_total / GIB, peak_phase=peak_phase,
@@ -422,7 +427,7 @@ class Plan:
 
     plugin: str  # the -p value
     micro_batch: int
-    grad_checkpoint: bool
+    grad_checkpoint: int  # layers recomputed (of each pipeline stage), as MemoryEstimate.grad_checkpoint
     tp: int
     pp: int
     zero: int
@@ -441,8 +446,10 @@ class Plan:
         # With pipeline parallelism -b is the per-GPU batch that 1F1B splits into pp micro-batches of micro_batch.
         batch = self.micro_batch * (self.pp if self.pp > 1 else 1)
         out = ["-p", self.plugin, "-b", str(batch)]
-        if self.grad_checkpoint:
+        if self.grad_checkpoint == self.estimate.layers_per_stage:
             out.append("-g")
+        elif self.grad_checkpoint:
+            out += ["-g", str(self.grad_checkpoint)]
         if self.offload_optim_frac:
             out += ["--offload_optim_frac", f"{self.offload_optim_frac:g}"]
         if self.plugin == "hybrid_parallel":
@@ -474,8 +481,7 @@ def speed(est: MemoryEstimate) -> float:
     value = PLUGIN_SPEED[est.plugin]
     if est.plugin == "gemini":
         value *= 1 - OFFLOADED_SPEED_LOSS * est.offload_optim_frac
-    if est.grad_checkpoint:
-        value *= RECOMPUTE_SPEED
+    value *= 1 - (1 - RECOMPUTE_SPEED) * est.grad_checkpoint / est.layers_per_stage  # one more forward per layer
     value *= TP_SPEED_PER_DOUBLING ** math.log2(est.tp) * PP_SPEED_PER_DOUBLING ** math.log2(est.pp)
     tokens = est.micro_batch * est.seq_len
     if tokens < SATURATING_TOKENS:
@@ -489,6 +495,8 @@ def _describe(est: MemoryEstimate) -> str:
         name = f"gemini with {est.offload_optim_frac:.0%} of the optimizer on the CPU"
     if est.plugin == "hybrid_parallel":
         name = f"hybrid_parallel tp {est.tp} x pp {est.pp} (zero {est.zero})"
+    if 0 < est.grad_checkpoint < est.layers_per_stage:
+        return f"{name} recomputing {est.grad_checkpoint} of {est.layers_per_stage} layers"
     return f"{name} {'with' if est.grad_checkpoint else 'without'} recomputation"
 
 
@@ -534,14 +542,33 @@ def _candidates(config, *, n_gpus, gpu_mem_gib, seq_len, global_batch_tokens, gp
         for tp, pp, zero, frac in _layouts(config, plugin, n_gpus, gpus_per_node):
             dp = n_gpus // (tp * pp)
             micros = [micro_batch] if micro_batch else _micro_batches(seq_len, dp, global_batch_tokens)
-            for checkpoint in ([grad_checkpoint] if grad_checkpoint is not None else [False, True]):
-                for micro in micros:
-                    accum = 1 if global_batch_tokens is None else global_batch_tokens // (micro * seq_len * dp)
+            for micro in micros:
+                accum = 1 if global_batch_tokens is None else global_batch_tokens // (micro * seq_len * dp)
+
+                def at(checkpoint: bool | int) -> _Candidate:
                     est = estimate(config, plugin=plugin, n_gpus=n_gpus, micro_batch=micro, seq_len=seq_len,
                                    grad_checkpoint=checkpoint, tp=tp, pp=pp, zero=zero, gpus_per_node=gpus_per_node,
                                    offload_optim_frac=frac, grad_accum=max(1, accum), **kernel_flags)
-                    out.append(_Candidate(est, speed(est), est.fits(gpu_mem_gib, host_mem_gib)))
+                    return _Candidate(est, speed(est), est.fits(gpu_mem_gib, host_mem_gib))
+
+                if grad_checkpoint is not None:
+                    out.append(at(grad_checkpoint))
+                    continue
+                none, every = at(False), at(True)
+                out += [none, every]
+                if every.fits and not none.fits:  # the fewest layers whose recomputation makes it fit
+                    out.append(_fewest_recomputed(at, every.est.layers_per_stage))
     return out
+
+
+def _fewest_recomputed(at, layers: int) -> _Candidate:
+    """The candidate recomputing the fewest layers that fits, given that none does not and all do (memory falls
+    with every layer recomputed)."""
+    low, high = 0, layers  # low does not fit, high does
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if at(middle).fits else (middle, high)
+    return at(high)
 
 
 def recommend(config: LlamaConfig, *, n_gpus: int, gpu_mem_gib: float, seq_len: int,
@@ -549,12 +576,13 @@ def recommend(config: LlamaConfig, *, n_gpus: int, gpu_mem_gib: float, seq_len: 
               fused_layers: bool | None = None, document_mask: bool = False, loss_kernel: str | None = None,
               host_mem_gib: float | None = None,
               plugins: tuple[str, ...] = RECOMMEND_ORDER, micro_batch: int | None = None,
-              grad_checkpoint: bool | None = None) -> Plan:
+              grad_checkpoint: bool | int | None = None) -> Plan:
     """The fastest expected configuration that fits with HEADROOM to spare, or DoesNotFit.
 
-    Expected speed (see `speed`): no recomputation over recomputation, a micro batch up to
-    MAX_TOKENS_PER_MICRO_BATCH, then zero2 > gemini > gemini_auto/zero2_cpu > hybrid_parallel; ties go to the
-    earlier plugin in `plugins`, then to the larger micro batch. micro_batch or grad_checkpoint pin those choices;
+    Expected speed (see `speed`): fewer layers recomputed over more (where none do not fit, the fewest that do),
+    a micro batch up to MAX_TOKENS_PER_MICRO_BATCH, then zero2 > gemini > gemini_auto/zero2_cpu > hybrid_parallel;
+    ties go to the earlier plugin in `plugins`, then to the larger micro batch. micro_batch or grad_checkpoint (True
+    for every layer, a number for that many) pin those choices;
     host_mem_gib (per node) also rules out offloading that the host cannot hold; with global_batch_tokens the
     micro batch x seq_len x data-parallel size must divide it (gradient accumulation is derived from it).
     """
@@ -619,8 +647,8 @@ def _reason(best: _Candidate, candidates: list[_Candidate], gpu_mem_gib: float, 
 
 
 def _cost(other: MemoryEstimate, chosen: MemoryEstimate) -> str:
-    if other.grad_checkpoint and not chosen.grad_checkpoint:
-        return "it recomputes activations"
+    if other.grad_checkpoint > chosen.grad_checkpoint:
+        return "it recomputes more activations" if chosen.grad_checkpoint else "it recomputes activations"
     if other.plugin != chosen.plugin:
         return f"it {COST[other.plugin]}"
     return "it uses a smaller micro batch" if other.micro_batch < chosen.micro_batch else "it comes later in the order"

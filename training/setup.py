@@ -29,6 +29,7 @@ def resolve_run(parser: argparse.ArgumentParser, argv=None, config_from=None):
         raise SystemExit(f"error: -c {args.config}: {error}") from None
     if args.max_length is None:
         args.max_length = config.max_position_embeddings
+    flags.check_recomputed_layers(args.grad_checkpoint, config.num_hidden_layers)
     rank, world_size = init_distributed(args.seed)
     if args.plugin == "auto":
         plan_automatically(args, config, world_size, rank)
@@ -57,7 +58,7 @@ def plan_automatically(args: argparse.Namespace, config: LlamaConfig, world_size
             seq_len=args.max_length, global_batch_tokens=args.global_batch_tokens,
             gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
             host_mem_gib=psutil.virtual_memory().total / 2**30, plugins=AUTO_PLUGINS, micro_batch=args.batch_size,
-            grad_checkpoint=True if args.grad_checkpoint else None,
+            grad_checkpoint=args.grad_checkpoint or None,  # -g pins the recomputation, else the planner chooses
             **kernel_memory_flags(args.kernels, args.attention_scope))
     except DoesNotFit as error:
         raise SystemExit(f"error: -p auto: {error}") from None

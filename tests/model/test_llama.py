@@ -73,6 +73,64 @@ def test_grad_checkpoint_gives_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def saved_bytes_and_checkpointed(model, ids, monkeypatch) -> tuple[int, list[int]]:
+    """The bytes autograd keeps for the backward of one training forward, and which layers (by position in the
+    model) ran under activation checkpointing."""
+    import model.llama as llama
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(model.model.layers)
+    checkpointed, saved = [], []
+    monkeypatch.setattr(llama, "checkpoint", lambda layer, *args, **kwargs: checkpointed.append(layers.index(layer))
+                        or checkpoint(layer, *args, **kwargs))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        model(ids, labels=ids)
+    return sum(saved), checkpointed
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_recomputing_the_first_layers_only_saves_memory_in_between_and_the_same_gradients(layers, monkeypatch):
+    """-g LAYERS: the first LAYERS layers recompute their activations, the others keep them: less memory kept for
+    the backward than none recomputed, more than all, and the gradients of a plain backward."""
+    config = dataclasses.replace(SMALL, num_hidden_layers=4)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 16))
+    plain = LlamaForCausalLM(config)
+    some, every = LlamaForCausalLM(config, grad_checkpoint=layers), LlamaForCausalLM(config, grad_checkpoint=True)
+    for model in (some, every):
+        model.load_state_dict(plain.state_dict())
+    plain(ids, labels=ids).backward()
+    some(ids, labels=ids).backward()
+    for (name, a), b in zip(plain.named_parameters(), some.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    kept = {}
+    for name, model in (("none", plain), ("some", some), ("all", every)):
+        kept[name], checkpointed = saved_bytes_and_checkpointed(model, ids, monkeypatch)
+        assert checkpointed == list(range({"none": 0, "some": layers, "all": 4}[name])), name
+    assert kept["none"] > kept["some"] > kept["all"]
+    layer_share = (kept["none"] - kept["all"]) / 4  # each recomputed layer keeps its input only
+    assert kept["none"] - kept["some"] == pytest.approx(layers * layer_share, rel=0.01)  # shared tables aside
+    some.eval()
+    assert saved_bytes_and_checkpointed(some, ids, monkeypatch)[1] == []  # recomputation is for training only
+
+
+def test_a_pipeline_stage_recomputes_the_first_layers_of_its_own(monkeypatch):
+    from types import SimpleNamespace
+
+    model = LlamaForCausalLM(dataclasses.replace(SMALL, num_hidden_layers=4), grad_checkpoint=1)
+    model.pipeline_stage = SimpleNamespace(is_first=lambda: True, is_last=lambda: True, layers=lambda: slice(2, 4))
+    assert saved_bytes_and_checkpointed(model, torch.randint(0, 300, (2, 8)), monkeypatch)[1] == [2]
+
+
+def test_recomputed_layers_reads_the_flag_as_given():
+    from model.config import recomputed_layers
+
+    assert [recomputed_layers(g, 22) for g in (False, True, 0, 1, 8, 22, 40)] == [0, 22, 0, 1, 8, 22, 22]
+    with pytest.raises(ValueError, match="0 or more, not -1"):
+        recomputed_layers(-1, 22)
+
+
 def test_compiled_blocks_keep_hugging_face_names():
     """--compile compiles each layer in place: no `_orig_mod` in the names, so checkpoints load either way.
     (The compiled step's losses against the eager ones: tests/training/test_compile_gpu.py.)"""

@@ -80,6 +80,34 @@ def test_baseline_hf_with_hybrid_parallel_is_one_clear_line():
     assert "--baseline hf" in line and "hybrid_parallel" in line
 
 
+@pytest.mark.slow
+def test_recomputing_some_layers_runs_and_reports_how_many():
+    (line,) = json_lines(ok(run("benchmark.py", *BENCH, "-b", "2", "-g", "1")))
+    assert line["grad_checkpoint"] == 1 and line["tokens_per_s_per_gpu"] > 0  # of tiny's 4 layers
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["-g", "9"], "error: -g 9: the model has 4 layers; -g alone recomputes all"),
+    (["-g", "2", "--baseline", "hf"], "error: --baseline hf with -g 2: transformers' activation checkpointing "
+                                      "recomputes every layer or none; use -g alone, or no -g"),
+], ids=["more_than_the_model", "with_the_hf_baseline"])
+def test_recomputed_layers_the_run_cannot_honour_are_one_clear_line(flags, expected):
+    assert last_error_line(run("benchmark.py", *BENCH, *flags)) == expected
+
+
+@pytest.mark.parametrize("value, expected", [("some", "expected a number of layers, not 'some'"),
+                                             ("-1", "expected 0 or more layers, not -1")])
+def test_the_recomputation_flag_takes_a_layer_count_or_nothing(value, expected, capsys):
+    import benchmark
+
+    assert benchmark.parser().parse_args(["-g"]).grad_checkpoint is True
+    assert benchmark.parser().parse_args(["-g", "3", "-p", "zero2"]).grad_checkpoint == 3
+    assert benchmark.parser().parse_args([]).grad_checkpoint is False
+    with pytest.raises(SystemExit):
+        benchmark.parser().parse_args(["-g", value])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument -g/--grad_checkpoint: {expected}")
+
+
 def completed(batch: int, tokens_per_s: float | None = None, stderr: str = "") -> subprocess.CompletedProcess:
     """What one benchmark launch returns: its JSON line, or (tokens_per_s None) a failure with `stderr`."""
     if tokens_per_s is None:

@@ -63,6 +63,37 @@ def test_recomputation_saves_activation_memory(plugin):
     assert plain.activations > 5 * recomputed.activations
 
 
+@pytest.mark.parametrize("pp", [1, 2])
+def test_recomputing_some_layers_saves_memory_in_proportion(pp):
+    """-g LAYERS: each of the first LAYERS layers of a stage keeps its input only; the layer-backward phase adds one
+    layer's recomputed activations, as with every layer recomputed. LAYERS past a stage's layers mean all of them."""
+    options = dict(plugin="hybrid_parallel", n_gpus=2, pp=pp, micro_batch=32) if pp > 1 else dict(micro_batch=32)
+    stage = 22 // pp
+    none, every = est(**options), est(grad_checkpoint=True, **options)
+    some = [est(grad_checkpoint=k, **options) for k in (1, stage // 2, stage - 1)]
+    assert (every.grad_checkpoint, every.layers_per_stage, some[1].grad_checkpoint) == (stage, stage, stage // 2)
+    assert none.total_gib > some[0].total_gib > some[1].total_gib > some[2].total_gib > every.total_gib
+    per_layer = (some[0].activations - some[1].activations) / (stage // 2 - 1)
+    assert some[1].activations - some[2].activations == pytest.approx(per_layer * (stage - 1 - stage // 2))
+    assert est(grad_checkpoint=40, **options).total_gib == every.total_gib
+    assert planner.speed(none) > planner.speed(some[0]) > planner.speed(some[2]) > planner.speed(every)
+
+
+def test_where_nothing_recomputed_does_not_fit_the_plan_recomputes_the_fewest_layers_that_do():
+    """1b at micro batch 32 on one 80 GiB GPU: all activations do not fit, all recomputed do; the plan recomputes
+    the fewest layers that fit (one fewer does not), says so, and runs it with -g LAYERS."""
+    config = CONFIGS["1b"]
+    p = planner.recommend(config, n_gpus=1, gpu_mem_gib=80, seq_len=2048, micro_batch=32, plugins=("zero2",))
+    assert 0 < p.grad_checkpoint < 22
+    fewer = planner.estimate(config, plugin="zero2", n_gpus=1, micro_batch=32, seq_len=2048,
+                             grad_checkpoint=p.grad_checkpoint - 1)
+    assert p.estimate.fits(80) and not fewer.fits(80)
+    assert p.flags() == ["-p", "zero2", "-b", "32", "-g", str(p.grad_checkpoint)]
+    assert f"zero2 recomputing {p.grad_checkpoint} of 22 layers fits micro batch 32" in p.reason
+    assert planner.speed(planner.estimate(config, plugin="zero2", n_gpus=1, micro_batch=32, seq_len=2048,
+                                          grad_checkpoint=True)) < p.speed
+
+
 def test_activations_grow_with_micro_batch_and_fused_kernels_save_memory():
     assert est(micro_batch=8).activations == pytest.approx(2 * est(micro_batch=4).activations, rel=0.01)
     assert est(fused_loss=False).total_gib > est(fused_loss=True).total_gib
@@ -202,7 +233,7 @@ def test_host_memory_limit_rules_out_offload_it_cannot_hold():
 
 def test_pinned_choices_and_global_batch_are_respected():
     p = planner.recommend(CONFIGS["1b"], n_gpus=8, gpu_mem_gib=80, seq_len=2048, micro_batch=2, grad_checkpoint=True)
-    assert (p.micro_batch, p.grad_checkpoint) == (2, True)
+    assert (p.micro_batch, p.grad_checkpoint, p.flags()[-1]) == (2, 22, "-g")  # every layer
     p = planner.recommend(CONFIGS["1b"], n_gpus=8, gpu_mem_gib=80, seq_len=2048, global_batch_tokens=3 * 2**16)
     assert (3 * 2**16) % (p.micro_batch * 2048 * 8) == 0
     with pytest.raises(ValueError, match="global_batch_tokens 1000 is not a positive multiple of seq_len 2048"):
@@ -291,6 +322,19 @@ def test_plan_text_and_does_not_fit(capsys):
     assert "embedding" in out and "Recommended: -p zero2" in out and "gemini_auto" in out
     plan_command.main(["-c", "70b", "--gpus", "1", "--gpu_mem", "80"])
     assert "Recommended: none. 70b does not fit" in capsys.readouterr().out
+
+
+def test_plan_pins_or_chooses_how_many_layers_recompute(capsys):
+    plan_command.main(["-c", "1b", "--gpus", "1", "--gpu_mem", "80", "-b", "16", "-g", "5", "--json"])
+    flags = json.loads(capsys.readouterr().out)["recommendation"]["flags"]
+    assert flags[flags.index("-g"):flags.index("-g") + 2] == ["-g", "5"]
+    plan_command.main(["-c", "1b", "--gpus", "1", "--gpu_mem", "80", "-b", "32"])
+    out = capsys.readouterr().out
+    chosen = planner.recommend(CONFIGS["1b"], n_gpus=1, gpu_mem_gib=80, seq_len=2048, micro_batch=32,
+                               **planner.kernel_memory_flags("torch", "document"))  # the plan command's defaults
+    assert 0 < chosen.grad_checkpoint < 22 and f"Recommended: {' '.join(chosen.flags())}\n" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("zero2 ")]
+    assert [row[1] for row in rows] == ["no", "all"]  # the table's rows: none and every layer recomputed
 
 
 def test_plan_grid_is_a_markdown_table(capsys):
