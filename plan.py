@@ -14,7 +14,7 @@ import sys
 from model.config import LlamaConfig
 from model.kernels import PRESET_NAMES
 from training import planner
-from training.args import layer_count
+from training.args import add_recompute_flag, pinned_recomputation
 
 GPU_BY_MEM_GIB = {40: "A100", 80: "H100", 141: "H200"}  # the usual GPU of each memory size, for its peak FLOPs
 PHASES = {"loss backward": "loss bwd", "layer backward": "layer bwd", "optimizer step": "step"}
@@ -34,9 +34,7 @@ def parser() -> argparse.ArgumentParser:
                    help="sequence length (default: the config's max_position_embeddings)")
     p.add_argument("-b", "--batch_size", type=int, default=None,
                    help="micro batch per GPU (default: the recommendation chooses; the table uses its choice)")
-    p.add_argument("-g", "--grad_checkpoint", nargs="?", const=True, default=False, type=layer_count,
-                   metavar="LAYERS", help="require recomputation: of every layer, or of the first LAYERS (of each "
-                                          "pipeline stage)")
+    add_recompute_flag(p, "require recomputation: of every layer, or of the first LAYERS (of each pipeline stage)")
     p.add_argument("--global_batch_tokens", type=int, default=None, help="tokens per optimizer step over all GPUs")
     p.add_argument("--kernels", default="torch", choices=PRESET_NAMES,
                    help="kernel preset the run will use (default: torch; auto is assumed to find liger and flex)")
@@ -91,7 +89,7 @@ def plan_report(args, config, seq_len, gpu, peak_flops, kernel_flags) -> dict:
             config, n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seq_len=seq_len,
             global_batch_tokens=args.global_batch_tokens, gpus_per_node=args.gpus_per_node,
             host_mem_gib=args.host_mem, micro_batch=args.batch_size,
-            grad_checkpoint=args.grad_checkpoint or None, **kernel_flags)
+            grad_checkpoint=pinned_recomputation(args.grad_checkpoint), **kernel_flags)
     except planner.DoesNotFit as error:
         does_not_fit = str(error)
     micro_batch = args.batch_size or (plan.micro_batch if plan else 1)

@@ -24,6 +24,17 @@ def layer_count(text: str) -> int:
     return value
 
 
+def add_recompute_flag(parser, help_text: str) -> None:
+    """-g: False without it, True alone (every layer), or a number of layers (model/config.py recomputed_layers)."""
+    parser.add_argument("-g", "--grad_checkpoint", nargs="?", const=True, default=False, type=layer_count,
+                        metavar="LAYERS", help=help_text)
+
+
+def pinned_recomputation(grad_checkpoint: bool | int) -> bool | int | None:
+    """-g as the planner's pin: None without -g (the planner chooses), else what -g says (-g 0: none)."""
+    return None if grad_checkpoint is False else grad_checkpoint
+
+
 def check_recomputed_layers(grad_checkpoint: bool | int, num_layers: int) -> None:
     """-g LAYERS beyond the model's layers is a mistake (a number meant for another model), not "all"."""
     if not isinstance(grad_checkpoint, bool) and grad_checkpoint > num_layers:
@@ -44,10 +55,8 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None)
                        help="use the fastest fused kernels available (same as --kernels auto)")
     group.add_argument("--attention_scope", choices=("document", "sequence"), default="document",
                        help="document: packed documents do not attend to each other; sequence: plain causal rows")
-    group.add_argument("-g", "--grad_checkpoint", nargs="?", const=True, default=False, type=layer_count,
-                       metavar="LAYERS", help="recompute activations in backward: every layer's, or with LAYERS the "
-                                              "first LAYERS layers' (of each pipeline stage), for less memory than "
-                                              "none and less compute than all")
+    add_recompute_flag(group, "recompute activations in backward: every layer's, or with LAYERS the first LAYERS "
+                              "layers' (of each pipeline stage), for less memory than none and less compute than all")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each decoder layer (not with gemini; the first "
                             "steps pay the compilation)")

@@ -557,18 +557,18 @@ def _candidates(config, *, n_gpus, gpu_mem_gib, seq_len, global_batch_tokens, gp
                 none, every = at(False), at(True)
                 out += [none, every]
                 if every.fits and not none.fits:  # the fewest layers whose recomputation makes it fit
-                    out.append(_fewest_recomputed(at, every.est.layers_per_stage))
+                    out.append(_fewest_recomputed(at, every))
     return out
 
 
-def _fewest_recomputed(at, layers: int) -> _Candidate:
-    """The candidate recomputing the fewest layers that fits, given that none does not and all do (memory falls
-    with every layer recomputed)."""
-    low, high = 0, layers  # low does not fit, high does
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (low, middle) if at(middle).fits else (middle, high)
-    return at(high)
+def _fewest_recomputed(at, every: _Candidate) -> _Candidate:
+    """The candidate recomputing the fewest layers that fits, given that none does not and `every` (all recomputed)
+    does: memory falls with every layer recomputed, so a bisection finds it."""
+    low, fitting = 0, every  # low layers do not fit, fitting.est.grad_checkpoint do
+    while fitting.est.grad_checkpoint - low > 1:
+        middle = at((low + fitting.est.grad_checkpoint) // 2)
+        low, fitting = (low, middle) if middle.fits else (middle.est.grad_checkpoint, fitting)
+    return fitting
 
 
 def recommend(config: LlamaConfig, *, n_gpus: int, gpu_mem_gib: float, seq_len: int,

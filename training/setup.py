@@ -58,7 +58,7 @@ def plan_automatically(args: argparse.Namespace, config: LlamaConfig, world_size
             seq_len=args.max_length, global_batch_tokens=args.global_batch_tokens,
             gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
             host_mem_gib=psutil.virtual_memory().total / 2**30, plugins=AUTO_PLUGINS, micro_batch=args.batch_size,
-            grad_checkpoint=args.grad_checkpoint or None,  # -g pins the recomputation, else the planner chooses
+            grad_checkpoint=flags.pinned_recomputation(args.grad_checkpoint),
             **kernel_memory_flags(args.kernels, args.attention_scope))
     except DoesNotFit as error:
         raise SystemExit(f"error: -p auto: {error}") from None

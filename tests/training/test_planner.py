@@ -234,6 +234,14 @@ def test_host_memory_limit_rules_out_offload_it_cannot_hold():
 def test_pinned_choices_and_global_batch_are_respected():
     p = planner.recommend(CONFIGS["1b"], n_gpus=8, gpu_mem_gib=80, seq_len=2048, micro_batch=2, grad_checkpoint=True)
     assert (p.micro_batch, p.grad_checkpoint, p.flags()[-1]) == (2, 22, "-g")  # every layer
+    # -g 0 pins no recomputation, where no -g lets the planner choose (micro batch 32 needs some without a pin)
+    from training.args import pinned_recomputation
+
+    assert [pinned_recomputation(g) for g in (False, 0, True, 5)] == [None, 0, True, 5]
+    pinned = dict(n_gpus=1, gpu_mem_gib=80, seq_len=2048, micro_batch=32, plugins=("zero2", "gemini_auto"))
+    with pytest.raises(planner.DoesNotFit, match="without recomputation at micro batch 32"):
+        planner.recommend(CONFIGS["1b"], grad_checkpoint=0, **pinned)
+    assert planner.recommend(CONFIGS["1b"], grad_checkpoint=None, **pinned).grad_checkpoint > 0
     p = planner.recommend(CONFIGS["1b"], n_gpus=8, gpu_mem_gib=80, seq_len=2048, global_batch_tokens=3 * 2**16)
     assert (3 * 2**16) % (p.micro_batch * 2048 * 8) == 0
     with pytest.raises(ValueError, match="global_batch_tokens 1000 is not a positive multiple of seq_len 2048"):
