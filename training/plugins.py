@@ -21,9 +21,11 @@ def build_plugin(args: argparse.Namespace, grad_accum_steps: int):
         return TorchDDPPlugin()
     if args.plugin in LOW_LEVEL_ZERO_PLUGINS:
         zero_fixes.apply()
+        world_size = _world_size()
         return LowLevelZeroPlugin(
-            stage=zero_stage(_world_size()), precision=precision, initial_scale=FP16_INITIAL_SCALE,
+            stage=zero_stage(world_size), precision=precision, initial_scale=FP16_INITIAL_SCALE,
             max_norm=args.grad_clip, cpu_offload=args.plugin == "zero2_cpu",
+            overlap_communication=overlaps_zero_communication(world_size),
         )
     if args.plugin in ("gemini", "gemini_auto"):
         gemini_fixes.apply()
@@ -86,6 +88,14 @@ def zero_stage(world_size: int) -> int:
     one picks zero2.
     """
     return 1 if world_size == 1 else 2
+
+
+def overlaps_zero_communication(world_size: int) -> bool:
+    """LowLevelZero's overlap_communication: on several GPUs, as colossalai's default, its gradient reduction runs
+    on its own stream during the backward; one GPU has nothing to reduce (training/zero_fixes.py
+    `reduce_unless_alone`), and the overlapping path would end every backward that syncs with a device-wide
+    synchronisation (LowLevelZeroOptimizer.backward), leaving the GPU idle while the host starts the step."""
+    return world_size > 1
 
 
 def defers_grad_sync(plugin_name: str, plugin) -> bool:

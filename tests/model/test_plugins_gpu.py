@@ -365,3 +365,63 @@ def test_gemini_fixes_keep_the_accumulated_steps_on_two_gpus():
     from gloo_ranks import run_on_ranks
 
     run_on_ranks(_gemini_fixes_on_ranks, world_size=2, backend="nccl")
+
+
+@contextmanager
+def zero_one_rank_methods(ours: bool):
+    """For the duration: training/zero_fixes.py's one-rank reduction and step, or colossalai's own (the gradient
+    norm stays the suite's in both, so that the runs differ in those two methods only)."""
+    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
+
+    from training import zero_fixes
+
+    zero_fixes.apply()
+    with ExitStack() as stack:
+        if not ours:
+            for name in ("step", "_run_reduction"):
+                stack.enter_context(mock.patch.object(LowLevelZeroOptimizer, name, zero_fixes.colossalais_own(name)))
+        yield
+
+
+def zero_accumulated_steps(ours: bool, stage: int, overlap: bool) -> tuple[list[torch.Tensor], list[float]]:
+    """Two optimizer steps of four micro-batches through LowLevelZero on one GPU with clipping, stage 1 deferring the
+    reduction to each step's last micro-batch as the loop does: the weights and the gradient norms."""
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import LowLevelZeroPlugin
+    from colossalai.nn.optimizer import HybridAdam
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    norms = []
+    with zero_one_rank_methods(ours):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(CONFIG, resolve_kernels("auto"))
+        place_weights_for_plugin(model, "zero2", "bf16")
+        plugin = LowLevelZeroPlugin(stage=stage, precision="bf16", max_norm=0.05, overlap_communication=overlap,
+                                    reduce_bucket_size_in_m=SMALL_BUCKET_M)
+        booster = Booster(plugin=plugin)
+        model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
+        micro_batches = [{k: v[i:i + 1].to(device) for k, v in batch.items()} for batch in batches() for i in range(2)]
+        for _ in range(2):
+            for i, batch in enumerate(micro_batches):
+                defer = stage == 1 and i < len(micro_batches) - 1
+                with booster.no_sync(model, optimizer) if defer else nullcontext():
+                    booster.backward(model(**batch) / len(micro_batches), optimizer)
+            optimizer.step()
+            norms.append(optimizer._current_grad_norm)
+            optimizer.zero_grad()
+        weights = [p.detach().float().cpu() for p in model.unwrap().parameters()]
+    del model, optimizer, booster
+    torch.cuda.empty_cache()
+    return weights, norms
+
+
+@pytest.mark.parametrize("stage, overlap", [(1, False), (1, True), (2, True)],
+                         ids=["as-the-suite-runs-it", "stage-1-overlapped", "stage-2"])
+def test_zero_on_one_gpu_steps_bit_identically_without_communicating(distributed, stage, overlap):
+    """training/zero_fixes.py on one GPU registers the gradients without the bucket's copies and casts and writes
+    back all weights at once: the weights and norms are colossalai's own, bit for bit, with clipping active."""
+    theirs, their_norms = zero_accumulated_steps(False, stage, overlap)
+    ours, our_norms = zero_accumulated_steps(True, stage, overlap)
+    assert min(their_norms) > 0.05, f"clipping never engaged: {their_norms}"
+    assert our_norms == their_norms
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
