@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "hybrid_parallel", "ddp")
+PLUGINS = ("gemini", "gemini_auto", "zero1", "zero2", "zero2_cpu", "hybrid_parallel", "ddp")
 
 
 def layer_count(text: str) -> int:

@@ -38,7 +38,7 @@ def resolve_run(parser: argparse.ArgumentParser, argv=None, config_from=None):
 
 
 # What the suite can build today; the planner also knows hybrid_parallel, which needs its policy first.
-AUTO_PLUGINS = ("zero2", "gemini", "gemini_auto", "zero2_cpu")
+AUTO_PLUGINS = ("zero2", "zero1", "gemini", "gemini_auto", "zero2_cpu")
 
 
 def plan_automatically(args: argparse.Namespace, config: LlamaConfig, world_size: int, rank: int) -> None:

@@ -11,15 +11,17 @@ from training.loop import Trainer
 from training.plugins import LOW_LEVEL_ZERO_PLUGINS, defers_grad_sync, zero_stage
 
 
-def test_zero2_runs_lowlevelzero_stage_1_only_on_one_gpu():
+def test_zero2_runs_lowlevelzero_stage_1_only_on_one_gpu_and_zero1_everywhere():
     assert [zero_stage(world_size) for world_size in (1, 2, 8)] == [1, 2, 2]
+    assert [zero_stage(world_size, "zero2_cpu") for world_size in (1, 2, 8)] == [1, 2, 2]
+    assert [zero_stage(world_size, "zero1") for world_size in (1, 2, 8)] == [1, 1, 1]
 
 
 def plugin_supporting_no_sync(plugin_name: str, world_size: int) -> SimpleNamespace:
     """What colossalai's plugins answer to support_no_sync() as training/plugins.py builds them: TorchDDPPlugin and
     HybridParallelPlugin True, GeminiPlugin False, LowLevelZeroPlugin True at stage 1 only."""
     if plugin_name in LOW_LEVEL_ZERO_PLUGINS:
-        supports = zero_stage(world_size) == 1
+        supports = zero_stage(world_size, plugin_name) == 1
     else:
         supports = plugin_name in ("ddp", "hybrid_parallel")
     return SimpleNamespace(support_no_sync=lambda: supports)
@@ -69,7 +71,7 @@ def fake_trainer(booster, defers: bool) -> SimpleNamespace:
 
 @pytest.mark.parametrize("plugin, world_size, deferred", [
     ("ddp", 1, True), ("ddp", 4, True), ("zero2", 1, True), ("zero2_cpu", 1, True), ("zero2", 2, False),
-    ("zero2_cpu", 2, False), ("gemini", 1, False), ("gemini_auto", 1, False), ("hybrid_parallel", 1, False),
+    ("zero2_cpu", 2, False), ("zero1", 1, True), ("zero1", 2, True), ("zero1", 8, True), ("gemini", 1, False), ("gemini_auto", 1, False), ("hybrid_parallel", 1, False),
 ])
 def test_the_loop_defers_gradient_sync_only_where_the_plugin_allows(plugin, world_size, deferred):
     calls = []

@@ -13,7 +13,7 @@ from training import planner
 
 SCRIPTS = sorted(ROOT.glob("scripts/benchmark_*/*.sh"))
 GPU_MEM_GIB = {"A100": 80, "H100": 80, "H200": 141}
-PLANNED = ("zero2", "zero2_cpu", "gemini", "gemini_auto", "hybrid_parallel")  # ddp keeps no plan of its own
+PLANNED = ("zero1", "zero2", "zero2_cpu", "gemini", "gemini_auto", "hybrid_parallel")  # ddp keeps no plan of its own
 
 
 def launch(script: Path) -> tuple[int, int, str, list[str]]:
@@ -40,10 +40,12 @@ def test_script_launches_what_its_name_says_and_fits(script):
     assert args.max_length and args.batch_size and args.plugin
     if args.plugin not in PLANNED:
         return
+    round_tokens = args.batch_size * args.max_length * (total // (args.tp * args.pp))  # a micro-batch on each dp rank
     estimate = planner.estimate(
         LlamaConfig.from_name(args.config), plugin=args.plugin, n_gpus=total, micro_batch=args.batch_size,
         seq_len=args.max_length, grad_checkpoint=args.grad_checkpoint, tp=args.tp, pp=args.pp, zero=args.zero,
         gpus_per_node=nproc, offload_optim_frac=args.offload_optim_frac,
+        grad_accum=max(1, (args.global_batch_tokens or 0) // round_tokens),
         **planner.kernel_memory_flags(args.kernels, args.attention_scope))
     usable = (1 - planner.HEADROOM) * GPU_MEM_GIB[kind]
     assert estimate.total_gib <= usable, f"planned {estimate.total_gib:.1f} GiB of {usable:.0f} usable on {kind}"

@@ -123,6 +123,30 @@ def test_zero1_keeps_full_gradients_zero2_a_shard():
     assert zero1.grads == pytest.approx(8 * zero2.grads, rel=0.01)
 
 
+def test_zero1_is_chosen_on_several_gpus_when_a_step_accumulates_micro_batches():
+    """zero2 reduce-scatters after every micro-batch; zero1 sums them in place and reduces once per step, for full
+    gradients on every GPU. Without accumulation both reduce once, and the tie goes to zero2's smaller memory."""
+    two_h200 = dict(n_gpus=2, gpu_mem_gib=141, seq_len=2048, micro_batch=16)
+    accumulating = planner.recommend(CONFIGS["1b"], global_batch_tokens=1048576, **two_h200)
+    assert (accumulating.plugin, accumulating.estimate.grad_accum) == ("zero1", 16)
+    assert accumulating.flags()[:2] == ["-p", "zero1"]
+    assert accumulating.reason.endswith("next best: zero2 without recomputation at micro batch 16, expected at 96% of "
+                                        "this speed (it reduces the gradients after every micro-batch).")
+    once = planner.recommend(CONFIGS["1b"], **two_h200)
+    assert (once.plugin, once.estimate.grad_accum) == ("zero2", 1)
+    zero2_accumulating = next(e for e in accumulating.alternatives if e.plugin == "zero2" and not e.grad_checkpoint)
+    assert planner.speed(zero2_accumulating) == pytest.approx(
+        planner.ZERO2_ACCUMULATION_SPEED * planner.speed(accumulating.estimate))
+    assert planner.speed(once.estimate) == planner.speed(accumulating.estimate)  # zero2 pays only when accumulating
+    assert accumulating.estimate.grads > once.estimate.grads  # zero1's full gradients
+
+
+def test_zero1_is_never_offered_on_one_gpu_where_zero2_is_already_stage_1():
+    plan = planner.recommend(CONFIGS["1b"], n_gpus=1, gpu_mem_gib=80, seq_len=2048, global_batch_tokens=524288)
+    assert plan.plugin == "zero2"
+    assert "zero1" not in plan.reason and all(other.plugin != "zero1" for other in plan.alternatives)
+
+
 def test_tensor_and_pipeline_parallel_divide_model_states():
     base = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=1, pp=2, zero=0)
     tp2 = est("13b", plugin="hybrid_parallel", n_gpus=8, tp=2, pp=2, zero=0)

@@ -4,7 +4,8 @@ For each plugin, the tiny model trains 10 steps from the same seed on the same b
 plain-PyTorch kernels, run once per plugin) and with each preset; every preset's losses must match the reference
 run's step by step within bf16 tolerance. tests/model/test_plugins_gpu.py does the same on one GPU, in process; this
 adds the data-parallel gradient reduction of two ranks and pretrain.py's own loop. A preset whose packages are not
-installed is skipped; `auto` takes only installed backends.
+installed is skipped; `auto` takes only installed backends. -p zero1, which reduces a step's gradients once instead
+of after every micro-batch, trains like zero2 when steps accumulate micro-batches.
 
   . .whl/gpu-env.sh && python3 -m pytest -m gpu -s tests/training/test_presets_two_gpu.py
 """
@@ -43,3 +44,12 @@ def test_first_losses_match_reference_kernels(work, plugin, preset):
     run_dir = pretrain(work, f"{plugin}-{preset}", *run_flags(plugin, preset), nproc=2)
     assert_losses_match(f"{plugin} {preset}", logged_losses(run_dir / "tb"), expected,
                         reference=f"{plugin} reference")
+
+
+def test_zero1_accumulating_in_place_trains_like_zero2(work):
+    """-p zero1 keeps full gradients on each GPU and sums a step's micro-batches in place, reducing once per step;
+    zero2 reduce-scatters after every micro-batch. With 4 micro-batches per step, the same losses."""
+    flags = ["--max_steps", str(STEPS), "--kernels", "auto", "--global_batch_tokens", str(4 * 256 * 2 * 4)]
+    expected = reference_losses(work, "zero2-accumulating", "-p", "zero2", *flags, steps=STEPS, nproc=2)
+    run_dir = pretrain(work, "zero1-accumulating", "-p", "zero1", *flags, nproc=2)
+    assert_losses_match("zero1 accumulating", logged_losses(run_dir / "tb"), expected, reference="zero2 accumulating")
