@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from model.config import LlamaConfig, recomputed_layers
 from model.kernels.loss import fused_chunk_rows
 from training.metrics import PEAK_BF16_FLOPS, TAGS
-from training.plugins import GEMINI_PREFETCH_SEVERAL_GPUS
+from training.plugins import GEMINI_PREFETCH_SEVERAL_GPUS, LOW_LEVEL_ZERO_PLUGINS, zero_stage
 
 GIB = 2**30
 BF16, FP32 = 2, 4
@@ -337,7 +337,7 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
     accum = grad_accum > 1
     if plugin in ("zero1", "zero2", "zero2_cpu") or hybrid:
         shard = dp if (plugin != "hybrid_parallel" or zero >= 1) else 1
-        partitioned = plugin in ("zero2", "zero2_cpu") or (hybrid and zero == 2)
+        partitioned = (hybrid and zero == 2) or (not hybrid and zero_stage(dp, plugin) == 2)
         on_cpu = plugin == "zero2_cpu"
         params = BF16 * P
         grads_end = BF16 * P / (shard if partitioned else 1)
@@ -484,8 +484,8 @@ def speed(est: MemoryEstimate) -> float:
     value = PLUGIN_SPEED[est.plugin]
     if est.plugin == "gemini":
         value *= 1 - OFFLOADED_SPEED_LOSS * est.offload_optim_frac
-    if est.plugin in ("zero2", "zero2_cpu") and est.dp > 1 and est.grad_accum > 1:
-        value *= ZERO2_ACCUMULATION_SPEED
+    if est.plugin in LOW_LEVEL_ZERO_PLUGINS and zero_stage(est.dp, est.plugin) == 2 and est.grad_accum > 1:
+        value *= ZERO2_ACCUMULATION_SPEED  # stage 2 cannot defer the reduction of a step's earlier micro-batches
     value *= 1 - (1 - RECOMPUTE_SPEED) * est.grad_checkpoint / est.layers_per_stage  # one more forward per layer
     value *= TP_SPEED_PER_DOUBLING ** math.log2(est.tp) * PP_SPEED_PER_DOUBLING ** math.log2(est.pp)
     tokens = est.micro_batch * est.seq_len
@@ -544,8 +544,8 @@ def _candidates(config, *, n_gpus, gpu_mem_gib, seq_len, global_batch_tokens, gp
                 plugins, micro_batch, grad_checkpoint, kernel_flags) -> list[_Candidate]:
     out = []
     for plugin in plugins:
-        if plugin == "zero1" and n_gpus == 1:
-            continue  # one GPU's zero2 is already stage 1 (training/plugins.py zero_stage)
+        if plugin == "zero1" and zero_stage(n_gpus) == 1:
+            continue  # zero2 runs stage 1 here too (training/plugins.py zero_stage): the same plan twice
         for tp, pp, zero, frac in _layouts(config, plugin, n_gpus, gpus_per_node):
             dp = n_gpus // (tp * pp)
             micros = [micro_batch] if micro_batch else _micro_batches(seq_len, dp, global_batch_tokens)

@@ -11,6 +11,7 @@ import torch
 from model.config import LlamaConfig
 
 from . import args as flags
+from .planner import RECOMMEND_ORDER
 from .loop import init_distributed
 
 
@@ -37,8 +38,9 @@ def resolve_run(parser: argparse.ArgumentParser, argv=None, config_from=None):
     return args, config, rank, world_size
 
 
-# What the suite can build today; the planner also knows hybrid_parallel, which needs its policy first.
-AUTO_PLUGINS = ("zero2", "zero1", "gemini", "gemini_auto", "zero2_cpu")
+# What -p auto chooses among, in the planner's order: all it recommends but hybrid_parallel, which runs only with
+# the --tp/--pp layout given on the command line.
+AUTO_PLUGINS = tuple(plugin for plugin in RECOMMEND_ORDER if plugin != "hybrid_parallel")
 
 
 def plan_automatically(args: argparse.Namespace, config: LlamaConfig, world_size: int, rank: int) -> None:

@@ -165,22 +165,29 @@ def test_whole_parameters_on_one_gpu_train_like_sharded_ones(distributed):
     assert whole == pytest.approx(sharded, rel=RTOL), f"{whole} vs {sharded}"
 
 
-def accumulated_step_weights(stage: int, defer: bool, in_place: bool = False) -> list[torch.Tensor]:
-    """The weights after two optimizer steps of four micro-batches each, through LowLevelZero at `stage`; with
-    `defer`, every micro-batch but a step's last runs under booster.no_sync, as the training loop does
-    (training/loop.py, plugins.defers_grad_sync), and with `in_place` those micro-batches' linear layers also sum
-    their weight gradients inside their GEMMs, as the loop has them do (model/kernels/concat_linear.py)."""
+def accumulated_steps(stage: int, defer: bool, in_place: bool = False, *, kernels: str = "torch",
+                      place: bool = False, **plugin_options) -> tuple[list[torch.Tensor], list[float]]:
+    """The weights after two optimizer steps of four micro-batches each, through LowLevelZero at `stage`, and the
+    two gradient norms; with `defer`, every micro-batch but a step's last runs under booster.no_sync, as the training
+    loop does (training/loop.py, plugins.defers_grad_sync), and with `in_place` those micro-batches' linear layers
+    also sum their weight gradients inside their GEMMs, as the loop has them do (model/kernels/concat_linear.py).
+    `place` lays the fused weights side by side first, as the loop does; `plugin_options` go to LowLevelZeroPlugin."""
     from colossalai.booster import Booster
     from colossalai.booster.plugin import LowLevelZeroPlugin
     from colossalai.nn.optimizer import HybridAdam
 
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
-    model = LlamaForCausalLM(CONFIG, resolve_kernels("torch")).to(device)
-    booster = Booster(plugin=LowLevelZeroPlugin(stage=stage, precision="bf16"))
+    model = LlamaForCausalLM(CONFIG, resolve_kernels(kernels))
+    if place:
+        place_weights_for_plugin(model, "zero2", "bf16")
+    else:
+        model = model.to(device)
+    booster = Booster(plugin=LowLevelZeroPlugin(stage=stage, precision="bf16", **plugin_options))
     assert defers_grad_sync("zero2", booster.plugin) == (stage == 1)  # what the loop decides from the plugin
     model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
     micro_batches = [{k: v[i:i + 1].to(device) for k, v in batch.items()} for batch in batches() for i in range(2)]
+    norms = []
     for _ in range(2):
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -188,11 +195,17 @@ def accumulated_step_weights(stage: int, defer: bool, in_place: bool = False) ->
                 with weight_grads_summed_in_place(in_place and defer and not last):
                     booster.backward(model(**batch) / len(micro_batches), optimizer)
         optimizer.step()
+        norms.append(optimizer._current_grad_norm)
         optimizer.zero_grad()
-    weights = [p.detach().float().clone() for p in model.parameters()]
+    weights = [p.detach().float().clone() for p in model.unwrap().parameters()]
     del model, optimizer, booster
     torch.cuda.empty_cache()
-    return weights
+    return weights, norms
+
+
+def accumulated_step_weights(stage: int, defer: bool, in_place: bool = False) -> list[torch.Tensor]:
+    """accumulated_steps' weights, with the reference kernels and colossalai's default plugin options."""
+    return accumulated_steps(stage, defer, in_place)[0]
 
 
 def test_zero2_on_one_gpu_accumulates_in_place_with_the_same_result(distributed):
@@ -384,35 +397,11 @@ def zero_one_rank_methods(ours: bool):
 
 
 def zero_accumulated_steps(ours: bool, stage: int, overlap: bool) -> tuple[list[torch.Tensor], list[float]]:
-    """Two optimizer steps of four micro-batches through LowLevelZero on one GPU with clipping, stage 1 deferring the
-    reduction to each step's last micro-batch as the loop does: the weights and the gradient norms."""
-    from colossalai.booster import Booster
-    from colossalai.booster.plugin import LowLevelZeroPlugin
-    from colossalai.nn.optimizer import HybridAdam
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    norms = []
+    """accumulated_steps as the loop runs them (fused weights placed, stage 1 deferring the reduction) with
+    clipping and small buckets, through training/zero_fixes.py's one-rank methods or colossalai's own."""
     with zero_one_rank_methods(ours):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(CONFIG, resolve_kernels("auto"))
-        place_weights_for_plugin(model, "zero2", "bf16")
-        plugin = LowLevelZeroPlugin(stage=stage, precision="bf16", max_norm=0.05, overlap_communication=overlap,
-                                    reduce_bucket_size_in_m=SMALL_BUCKET_M)
-        booster = Booster(plugin=plugin)
-        model, optimizer, *_ = booster.boost(model, HybridAdam(model.parameters(), lr=LR))
-        micro_batches = [{k: v[i:i + 1].to(device) for k, v in batch.items()} for batch in batches() for i in range(2)]
-        for _ in range(2):
-            for i, batch in enumerate(micro_batches):
-                defer = stage == 1 and i < len(micro_batches) - 1
-                with booster.no_sync(model, optimizer) if defer else nullcontext():
-                    booster.backward(model(**batch) / len(micro_batches), optimizer)
-            optimizer.step()
-            norms.append(optimizer._current_grad_norm)
-            optimizer.zero_grad()
-        weights = [p.detach().float().cpu() for p in model.unwrap().parameters()]
-    del model, optimizer, booster
-    torch.cuda.empty_cache()
-    return weights, norms
+        return accumulated_steps(stage, defer=stage == 1, kernels="auto", place=True, max_norm=0.05,
+                                 overlap_communication=overlap, reduce_bucket_size_in_m=SMALL_BUCKET_M)
 
 
 @pytest.mark.parametrize("stage, overlap", [(1, False), (1, True), (2, True)],
