@@ -30,6 +30,7 @@ PIP_HINTS = {
     "liger_kernel": "pip install liger-kernel",
     "triton": "pip install triton",
     "flash_attn": "pip install flash-attn --no-build-isolation",
+    "flash_attn.cute": "pip install --pre flash-attn-4",
 }
 
 # A preset names one backend per op; per-op overrides replace single entries. `auto` is decided by `auto_preset`.
@@ -79,18 +80,29 @@ class Kernels:
 
 def missing_packages(op: str, backend: str) -> list[str]:
     """The packages `backend` of `op` needs that are not installed (empty when it can run here)."""
-    return [name for name in OPS[op].REQUIRES.get(backend, ()) if importlib.util.find_spec(name) is None]
+    return [name for name in OPS[op].REQUIRES.get(backend, ()) if not _installed(name)]
+
+
+def _installed(name: str) -> bool:
+    """Whether module `name` (dotted for a subpackage) can be found. A namespace package does not count: flash-attn-4
+    installs `flash_attn/cute` without a `flash_attn/__init__.py`, which must not pass for flash-attn itself."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:  # a dotted name whose parent package is absent
+        return False
+    return spec is not None and spec.origin is not None
 
 
 def auto_preset() -> dict[str, str]:
     """The fastest installed backends for the GPU present; the `torch` preset on a machine without CUDA.
 
-    Attention: SDPA's cuDNN backend on Hopper (sm90+), else the flash-attn package, else SDPA's flash backend (sm80+),
-    else SDPA's own choice; packed rows go to FlexAttention from the SDPA backends (attention.py). The other ops:
-    Liger, or the suite's Triton kernels where they beat or fill in for Liger's (AUTO_CANDIDATES), else flash-attn's
-    ops, else the references. `python3 -m model.kernels.bench` times them; on an H100 at the 1b shapes
-    (batch 8 x 2048, forward + backward) it measured, in ms: attention causal sdpa_cudnn 1.89 (sdpa
-    1.82, flex 2.71), packed sdpa_cudnn->flex 3.03 (sdpa with a dense mask 4.36); rms_norm liger 1.54 (torch 1.99);
+    Attention: FlashAttention-4 on Hopper and later (sm90+) where flash-attn-4 is installed, else SDPA's cuDNN backend
+    there; before Hopper the flash-attn package, else SDPA's flash backend (sm80+), else SDPA's own choice. Packed
+    rows go to FlexAttention from the SDPA backends (attention.py). The other ops: Liger, or the suite's Triton kernels
+    where they beat or fill in for Liger's (AUTO_CANDIDATES), else flash-attn's ops, else the references.
+    `python3 -m model.kernels.bench` times them; on an H100 at the 1b shapes (batch 8 x 2048, forward + backward) it
+    measured, in ms: attention causal sdpa_cudnn 1.89 (sdpa 1.82, flex 2.71; at batch 16 flash_attn4 2.67 against
+    sdpa_cudnn 3.10-3.20), packed sdpa_cudnn->flex 3.03 (sdpa with a dense mask 4.36); rms_norm liger 1.54 (torch 1.99);
     rotary liger 1.28 (torch 2.14); swiglu liger 1.55 (torch 1.46, but Liger keeps one activation fewer per layer);
     loss liger 13.7 at 0.43 GiB peak (torch 16.9 at 5.86 GiB; liger_ce 10.4 at 1.16 GiB, holding the logits).
     At batch 16: qkv_rotary triton 0.89 (liger's rotary after splitting the projection: 1.16, torch 4.37); loss triton
@@ -100,7 +112,7 @@ def auto_preset() -> dict[str, str]:
         return dict(PRESETS["torch"])
     major, _ = torch.cuda.get_device_capability()
     if major >= 9:
-        attention_name = "sdpa_cudnn"
+        attention_name = "sdpa_cudnn" if missing_packages("attention", "flash_attn4") else "flash_attn4"
     elif not missing_packages("attention", "flash_attn"):
         attention_name = "flash_attn"
     elif major >= 8:

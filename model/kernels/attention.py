@@ -13,6 +13,10 @@ Backends:
                     cross documents instead of masking them.
   flash_attn        the flash-attn package: flash_attn_func, or flash_attn_varlen_func for packed rows.
   flash_attn_varlen the flash-attn package's varlen kernel for every row (a row without doc_ids is one sequence).
+  flash_attn4       FlashAttention-4, the flash-attn-4 package's CuTe kernels (`flash_attn.cute`; Hopper and
+                    Blackwell): its causal kernel, or its varlen kernel for packed rows. On an H100 at the 1b shape
+                    (16 x 2048, 32 heads of 64, 4 key/value heads) forward + backward took 2.67 ms against cuDNN's
+                    3.10-3.20 ms: the same forward, a backward at 340 TFLOPS against cuDNN's 275.
 
 sdpa_cudnn and sdpa_flash cover plain causal rows only: SDPA's flash backend takes no mask, and cuDNN would need the
 dense (B, T, T) one. Packed rows (doc_ids given) therefore go to `flex`, which is document-causal without a dense
@@ -204,6 +208,23 @@ def attention_flash_attn(q, k, v, doc_ids=None):
     return flash_attn_func(q, k, v, causal=True)  # (B, T, H, D) in and out; grouped-query natively
 
 
+# ---- FlashAttention-4 (flash-attn-4 package) ----------------------------------------------------------------
+@hookable
+def attention_flash_attn4(q, k, v, doc_ids=None):
+    """(B, T, H, D) in and out, grouped-query natively; packed rows through the varlen kernel on flattened tokens."""
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+    if doc_ids is None:
+        out, _ = flash_attn_func(q, k, v, causal=True)  # (out, log-sum-exp or None)
+        return out
+    batch, seq, heads, head_dim = q.shape
+    cu_seqlens, max_len = _varlen_offsets(doc_ids)
+    q, k, v = (t.reshape(batch * seq, t.shape[2], head_dim) for t in (q, k, v))  # (B*T, heads, D)
+    out, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
+                                    max_seqlen_k=max_len, causal=True)
+    return out.view(batch, seq, heads, head_dim)
+
+
 BACKENDS = {
     "math": attention_math,
     "sdpa": attention_sdpa,
@@ -212,6 +233,7 @@ BACKENDS = {
     "flex": attention_flex,
     "flash_attn": attention_flash_attn,
     "flash_attn_varlen": attention_flash_attn_varlen,
+    "flash_attn4": attention_flash_attn4,
 }
 # Python packages each backend needs beyond torch.
-REQUIRES = {"flash_attn": ("flash_attn",), "flash_attn_varlen": ("flash_attn",)}
+REQUIRES = {"flash_attn": ("flash_attn",), "flash_attn_varlen": ("flash_attn",), "flash_attn4": ("flash_attn.cute",)}

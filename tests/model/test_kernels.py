@@ -2,7 +2,8 @@
 
 CPU: the resolver's presets, overrides and errors; `hookable` under a recording parameter hook (Gemini's contract);
 SDPA and FlexAttention (forward) against the math reference; the flash-attn glue (varlen offsets, table layout,
-loss reduction) against stand-ins that follow flash-attn's documented semantics, since flash-attn has no wheel here.
+loss reduction; flash-attn-4's too) against stand-ins that follow their documented semantics, since neither runs on
+a CPU.
 GPU (`-m gpu`): every backend against its reference, forward and backward, float32 and bfloat16.
 """
 import importlib
@@ -79,7 +80,8 @@ def test_missing_package_is_a_clear_error_not_a_fallback(nothing_installed):
 
 
 def test_installed_package_that_fails_to_import_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    installed = types.SimpleNamespace(origin="site-packages/liger_kernel/__init__.py")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: installed)
 
     def broken(name):
         raise ImportError(f"{name}: undefined symbol (built for another torch)")
@@ -89,28 +91,45 @@ def test_installed_package_that_fails_to_import_is_a_clear_error(monkeypatch):
         resolve_kernels("torch", {"swiglu": "liger"})
 
 
+ALL = "every optional package"
+
+
 def test_auto_without_cuda_is_the_torch_preset(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert auto_preset() == PRESETS["torch"]
     assert dict(resolve_kernels("auto").names) == PRESETS["torch"]
 
 
-@pytest.mark.parametrize("capability, installed, expected", [
-    ((9, 0), True, {"attention": "sdpa_cudnn", "rms_norm": "liger", "add_rms_norm": "triton",
-                    "qkv_rotary": "triton", "swiglu_packed": "triton", "loss": "triton"}),
-    ((9, 0), False, {"attention": "sdpa_cudnn", "rms_norm": "torch", "add_rms_norm": "torch",
-                     "qkv_rotary": "torch", "swiglu_packed": "torch", "loss": "torch"}),
-    ((8, 0), True, {"attention": "flash_attn", "rms_norm": "liger", "loss": "triton"}),
-    ((8, 0), False, {"attention": "sdpa_flash", "rms_norm": "torch", "loss": "torch"}),
-    ((7, 0), False, {"attention": "sdpa", "rms_norm": "torch", "loss": "torch"}),
-], ids=["hopper", "hopper-bare", "ampere", "ampere-bare", "volta-bare"])
-def test_auto_on_gpus(monkeypatch, capability, installed, expected):
+@pytest.mark.parametrize("capability, absent, expected", [
+    ((9, 0), (), {"attention": "flash_attn4", "rms_norm": "liger", "add_rms_norm": "triton",
+                  "qkv_rotary": "triton", "swiglu_packed": "triton", "loss": "triton"}),
+    ((9, 0), ("flash_attn.cute",), {"attention": "sdpa_cudnn", "rms_norm": "liger", "loss": "triton"}),
+    ((9, 0), ALL, {"attention": "sdpa_cudnn", "rms_norm": "torch", "add_rms_norm": "torch",
+                   "qkv_rotary": "torch", "swiglu_packed": "torch", "loss": "torch"}),
+    ((8, 0), (), {"attention": "flash_attn", "rms_norm": "liger", "loss": "triton"}),
+    ((8, 0), ALL, {"attention": "sdpa_flash", "rms_norm": "torch", "loss": "torch"}),
+    ((7, 0), ALL, {"attention": "sdpa", "rms_norm": "torch", "loss": "torch"}),
+], ids=["hopper", "hopper-without-flash-attn-4", "hopper-bare", "ampere", "ampere-bare", "volta-bare"])
+def test_auto_on_gpus(monkeypatch, capability, absent, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    monkeypatch.setattr(kernels, "missing_packages",
-                        lambda op, name: [] if installed else list(OPS[op].REQUIRES.get(name, ())))
+    monkeypatch.setattr(kernels, "missing_packages", lambda op, name: [
+        package for package in OPS[op].REQUIRES.get(name, ()) if absent is ALL or package in absent])
     chosen = auto_preset()
     assert {op: chosen[op] for op in expected} == expected
+
+
+def test_a_namespace_package_is_not_an_installed_one(tmp_path, monkeypatch):
+    """flash-attn-4 alone leaves `flash_attn/cute` without `flash_attn/__init__.py`: flash-attn (2) is then
+    missing, flash_attn.cute present; a dotted name under an absent package is missing, not an error."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert missing_packages("attention", "flash_attn") == ["flash_attn"]
+    assert missing_packages("attention", "flash_attn4") == []
+    assert not kernels._installed("no_such_package_here.cute")
 
 
 def test_importing_the_model_loads_no_triton_or_liger():
@@ -282,6 +301,13 @@ def fake_flash_attn(monkeypatch):
         return torch.cat([attention_math(q[None, a:b], k[None, a:b], v[None, a:b])[0]
                           for a, b in zip(bounds[:-1], bounds[1:])])
 
+    def fa4_func(q, k, v, qv=None, causal=False):  # flash-attn-4 returns (out, log-sum-exp or None)
+        return flash_attn_func(q, k, v, causal=causal), None
+
+    def fa4_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                        causal=False):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal), None
+
     def apply_rotary_emb(x, cos, sin):
         batch, seq, heads, head_dim = x.shape  # cos, sin: (seqlen_rotary >= seq, head_dim / 2), x's dtype
         assert cos.shape[0] >= seq and cos.shape[1] == head_dim // 2 and cos.dtype == x.dtype
@@ -308,14 +334,16 @@ def fake_flash_attn(monkeypatch):
         "flash_attn.ops.triton.cross_entropy": dict(cross_entropy_loss=cross_entropy_loss),
         "flash_attn.ops.triton.layer_norm": dict(rms_norm_fn=rms_norm_fn),
         "flash_attn.ops.activations": dict(swiglu=lambda x, y: F.silu(x) * y),
+        "flash_attn.cute": dict(flash_attn_func=fa4_func, flash_attn_varlen_func=fa4_varlen_func),
     }
     for name, attributes in modules.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attributes))
 
 
-FLASH_ATTN_CASES = [("attention", "flash_attn"), ("attention", "flash_attn_varlen"), ("rms_norm", "flash_attn"),
-                    ("add_rms_norm", "flash_attn"), ("rotary", "flash_attn"), ("qkv_rotary", "flash_attn"),
-                    ("swiglu", "flash_attn"), ("swiglu_packed", "flash_attn"), ("loss", "flash_attn")]
+FLASH_ATTN_CASES = [("attention", "flash_attn"), ("attention", "flash_attn_varlen"), ("attention", "flash_attn4"),
+                    ("rms_norm", "flash_attn"), ("add_rms_norm", "flash_attn"), ("rotary", "flash_attn"),
+                    ("qkv_rotary", "flash_attn"), ("swiglu", "flash_attn"), ("swiglu_packed", "flash_attn"),
+                    ("loss", "flash_attn")]
 
 
 @pytest.mark.parametrize("op, backend", FLASH_ATTN_CASES, ids=[f"{op}-{b}" for op, b in FLASH_ATTN_CASES])
@@ -405,7 +433,7 @@ def run_op(fn, case: dict, dtype: torch.dtype | None = None) -> list[torch.Tenso
 
 # ---- GPU parity: every backend, forward and backward, float32 and bfloat16 -----------------------------------
 NO_FLOAT32 = {("attention", "sdpa_cudnn"), ("attention", "sdpa_flash"), ("attention", "flash_attn"),
-              ("attention", "flash_attn_varlen")}
+              ("attention", "flash_attn_varlen"), ("attention", "flash_attn4")}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 GPU_CASES = [(op, name) for op, table in OP_TABLES.items() for name in table if name != REFERENCE[op]]
 
