@@ -24,6 +24,7 @@ mask; the choice is this table's, made once here, not a fallback at run time.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -214,6 +215,8 @@ def attention_flash_attn4(q, k, v, doc_ids=None):
     """(B, T, H, D) in and out, grouped-query natively; packed rows through the varlen kernel on flattened tokens."""
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
+    if not _cutlass_argv_guarded:
+        guard_cutlass_against_our_flags()
     if doc_ids is None:
         out, _ = flash_attn_func(q, k, v, causal=True)  # (out, log-sum-exp or None)
         return out
@@ -223,6 +226,44 @@ def attention_flash_attn4(q, k, v, doc_ids=None):
     out, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
                                     max_seqlen_k=max_len, causal=True)
     return out.view(batch, seq, heads, head_dim)
+
+
+_cutlass_argv_guarded = False
+
+
+def guard_cutlass_against_our_flags() -> None:
+    """Make CuTe DSL read only its own exact `-diagnostic` flag from the command line.
+
+    Why: CuTe DSL, which compiles flash-attn-4's kernels, parses sys.argv for `-diagnostic` each time it compiles one
+    (nvidia-cutlass-dsl 4.8.1, cutlass/base_dsl/dsl.py `diagnostic`), with argparse, which takes any single-dash
+    prefix of an option for that option: pretrain.py's `-d /data/corpus` became `-diagnostic /data/corpus`, and the
+    run exited with "invalid choice" at its first forward. Its parser is built once and cached; that instance is given
+    the `-diagnostic` tokens alone, so the flag itself still works.
+    """
+    global _cutlass_argv_guarded
+    try:
+        from cutlass.base_dsl import dsl
+        parser = dsl._get_diagnostic_arg_parser()
+    except (ImportError, AttributeError):  # another version of CuTe DSL, without that parser
+        _cutlass_argv_guarded = True
+        return
+    parse_known_args = parser.parse_known_args
+    parser.parse_known_args = lambda args=None, namespace=None: parse_known_args(
+        diagnostic_tokens(sys.argv[1:] if args is None else args), namespace)
+    _cutlass_argv_guarded = True
+
+
+def diagnostic_tokens(argv: list[str]) -> list[str]:
+    """The exact `-diagnostic` flags in `argv`, each with its value where one follows."""
+    kept = []
+    for index, token in enumerate(argv):
+        if token.startswith("-diagnostic="):
+            kept.append(token)
+        elif token == "-diagnostic":
+            kept.append(token)
+            if index + 1 < len(argv) and not argv[index + 1].startswith("-"):
+                kept.append(argv[index + 1])
+    return kept
 
 
 BACKENDS = {

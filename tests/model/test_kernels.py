@@ -355,6 +355,57 @@ def test_flash_attn_glue_against_documented_semantics(fake_flash_attn, op, backe
             assert relative_error(a, e) < 1e-5, case["name"]
 
 
+# ---- flash-attn-4's compiler and the command line ---------------------------------------------------------------
+def cutlass_dsl_stand_in(monkeypatch):
+    """cutlass.base_dsl.dsl with the `-diagnostic` parser of nvidia-cutlass-dsl 4.8.1 (built once, cached)."""
+    import argparse
+    import functools
+
+    @functools.lru_cache(maxsize=1)
+    def _get_diagnostic_arg_parser():
+        parser = argparse.ArgumentParser(description="Process diagnostic status.")
+        parser.add_argument("-diagnostic", nargs="?", const="all",
+                            choices=["all", "fail", "success", "info", "suggestion"])
+        return parser
+
+    dsl = types.SimpleNamespace(_get_diagnostic_arg_parser=_get_diagnostic_arg_parser)
+    for name, module in {"cutlass": types.SimpleNamespace(), "cutlass.base_dsl": types.SimpleNamespace(dsl=dsl),
+                         "cutlass.base_dsl.dsl": dsl}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return dsl
+
+
+def test_cutlass_reads_only_its_own_flag_from_our_command_line(monkeypatch, capsys):
+    from model.kernels import attention
+
+    dsl = cutlass_dsl_stand_in(monkeypatch)
+    monkeypatch.setattr(attention, "_cutlass_argv_guarded", False)
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "-d", "/data/corpus", "-b", "8"])
+    with pytest.raises(SystemExit):  # the bug: argparse takes `-d` for `-diagnostic`
+        dsl._get_diagnostic_arg_parser().parse_known_args()
+    assert "argument -diagnostic: invalid choice: '/data/corpus'" in capsys.readouterr().err
+    attention.guard_cutlass_against_our_flags()
+    assert attention._cutlass_argv_guarded
+    assert dsl._get_diagnostic_arg_parser().parse_known_args()[0].diagnostic is None
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "-d", "/data/corpus", "-diagnostic", "info", "-dx"])
+    assert dsl._get_diagnostic_arg_parser().parse_known_args()[0].diagnostic == "info"
+    assert attention.diagnostic_tokens(["-diagnostic", "-b", "8", "-diagnostic=fail"]) == ["-diagnostic",
+                                                                                        "-diagnostic=fail"]
+
+
+@pytest.mark.gpu
+def test_flash_attn4_compiles_under_pretrain_flags(monkeypatch):
+    """A shape no other test compiles (head dim 96), forward and backward, with pretrain.py's `-d` on the command
+    line: without the guard CuTe DSL exits at compile time."""
+    if missing_packages("attention", "flash_attn4"):
+        pytest.skip("needs flash-attn-4")
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "-d", "/data/corpus", "-b", "8"])
+    q, k, v = attention_inputs(seq=128, heads=4, kv_heads=4, head_dim=96, dtype=torch.bfloat16, device="cuda")
+    case = attention_case(q, k, v, None)
+    for a, e in zip(run_op(OP_TABLES["attention"]["flash_attn4"], case), run_op(OP_TABLES["attention"]["math"], case)):
+        assert relative_error(a, e) < 1e-2
+
+
 # ---- cases shared by the CPU and GPU parity tests --------------------------------------------------------------
 def attention_case(q, k, v, doc_ids, name=""):
     return {"name": name, "args": [q, k, v, doc_ids], "grad": [0, 1, 2]}
