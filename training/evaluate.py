@@ -127,7 +127,8 @@ def build_eval_model(args: argparse.Namespace, config, weights: str):
     from .loop import _autocast, _parse_overrides, build_model, load_weights
     from .plugins import build_plugin
 
-    kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override))
+    kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override),
+                              float32=args.mixed_precision == "fp32")
     model = build_model(args, config, kernels)
     load_weights(None, model, weights, args.plugin, boosted=False)
     booster = Booster(plugin=build_plugin(args, grad_accum_steps=1))

@@ -121,7 +121,8 @@ class Trainer:
         from colossalai.booster import Booster
 
         args = self.args
-        kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override))
+        kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override),
+                                  float32=args.mixed_precision == "fp32")
         self.print(f"model {self.config.name}: {self.config.num_params() / 1e6:,.1f}M parameters; "
                    f"kernels: {kernels.describe()}; plugin {args.plugin}, {args.mixed_precision}, "
                    f"{self.world_size} process(es), micro batch {args.batch_size} x {self.seq_len}, "

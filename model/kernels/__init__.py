@@ -93,8 +93,9 @@ def _installed(name: str) -> bool:
     return spec is not None and spec.origin is not None
 
 
-def auto_preset() -> dict[str, str]:
+def auto_preset(float32: bool = False) -> dict[str, str]:
     """The fastest installed backends for the GPU present; the `torch` preset on a machine without CUDA.
+    `float32`: the run trains in float32, so attention is SDPA of PyTorch's choice (the faster kernels are bf16/fp16).
 
     Attention: FlashAttention-4 on Hopper and later (sm90+) where flash-attn-4 is installed, else SDPA's cuDNN backend
     there; before Hopper the flash-attn package, else SDPA's flash backend (sm80+), else SDPA's own choice. Packed
@@ -111,7 +112,9 @@ def auto_preset() -> dict[str, str]:
     if not torch.cuda.is_available():
         return dict(PRESETS["torch"])
     major, _ = torch.cuda.get_device_capability()
-    if major >= 9:
+    if float32:
+        attention_name = "sdpa"
+    elif major >= 9:
         attention_name = "sdpa_cudnn" if missing_packages("attention", "flash_attn4") else "flash_attn4"
     elif not missing_packages("attention", "flash_attn"):
         attention_name = "flash_attn"
@@ -125,11 +128,16 @@ def auto_preset() -> dict[str, str]:
     return chosen
 
 
-def resolve_kernels(preset: str = "torch", overrides: dict[str, str] | None = None) -> Kernels:
-    """One backend function per op from a preset name and per-op overrides, e.g. ("auto", {"attention": "flex"})."""
+def resolve_kernels(preset: str = "torch", overrides: dict[str, str] | None = None, *,
+                    float32: bool = False) -> Kernels:
+    """One backend function per op from a preset name and per-op overrides, e.g. ("auto", {"attention": "flex"}).
+    `float32`: the run trains in float32 (-x fp32), which half-precision-only attention cannot serve."""
     if preset not in PRESET_NAMES:
         raise ValueError(f"unknown kernel preset '{preset}': expected one of {', '.join(PRESET_NAMES)}")
-    names = {**(auto_preset() if preset == "auto" else PRESETS[preset]), **(overrides or {})}
+    names = {**(auto_preset(float32) if preset == "auto" else PRESETS[preset]), **(overrides or {})}
+    if float32 and names.get("attention") in attention.HALF_PRECISION_ONLY:
+        raise ValueError(f"attention backend '{names['attention']}' runs in bf16 or fp16 only, and this run trains in "
+                         "fp32: use -x bf16, or --kernel_override attention=sdpa")
     functions = {}
     for op, name in names.items():
         if op not in OP_TABLES:

@@ -276,5 +276,7 @@ BACKENDS = {
     "flash_attn_varlen": attention_flash_attn_varlen,
     "flash_attn4": attention_flash_attn4,
 }
+# Backends without a float32 kernel; `auto` leaves them out of a run that trains in float32 (kernels/__init__.py).
+HALF_PRECISION_ONLY = ("sdpa_cudnn", "sdpa_flash", "flash_attn", "flash_attn_varlen", "flash_attn4")
 # Python packages each backend needs beyond torch.
 REQUIRES = {"flash_attn": ("flash_attn",), "flash_attn_varlen": ("flash_attn",), "flash_attn4": ("flash_attn.cute",)}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import model.kernels as kernels
 from model.kernels import OP_TABLES, OPS, PRESETS, auto_preset, missing_packages, resolve_kernels
-from model.kernels.attention import document_ids, varlen_offsets
+from model.kernels.attention import HALF_PRECISION_ONLY, document_ids, varlen_offsets
 from model.kernels.hookable import hookable
 from model.kernels.rotary import rotary_tables
 
@@ -117,6 +117,19 @@ def test_auto_on_gpus(monkeypatch, capability, absent, expected):
         package for package in OPS[op].REQUIRES.get(name, ()) if absent is ALL or package in absent])
     chosen = auto_preset()
     assert {op: chosen[op] for op in expected} == expected
+
+
+def test_float32_runs_get_an_attention_with_a_float32_kernel(monkeypatch):
+    """-x fp32 on a GPU: `auto` picks SDPA of PyTorch's choice; naming a bf16/fp16-only backend is a clear error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(kernels, "missing_packages", lambda op, name: [])
+    assert auto_preset()["attention"] == "flash_attn4"
+    assert auto_preset(float32=True)["attention"] == "sdpa"
+    for name in HALF_PRECISION_ONLY:
+        with pytest.raises(ValueError, match=f"attention backend '{name}' runs in bf16 or fp16 only.*-x bf16"):
+            resolve_kernels("torch", {"attention": name}, float32=True)
+    assert dict(resolve_kernels("torch", {"attention": "sdpa_cudnn"}).names)["attention"] == "sdpa_cudnn"
 
 
 def test_a_namespace_package_is_not_an_installed_one(tmp_path, monkeypatch):
@@ -483,8 +496,7 @@ def run_op(fn, case: dict, dtype: torch.dtype | None = None) -> list[torch.Tenso
 
 
 # ---- GPU parity: every backend, forward and backward, float32 and bfloat16 -----------------------------------
-NO_FLOAT32 = {("attention", "sdpa_cudnn"), ("attention", "sdpa_flash"), ("attention", "flash_attn"),
-              ("attention", "flash_attn_varlen"), ("attention", "flash_attn4")}
+NO_FLOAT32 = {("attention", name) for name in HALF_PRECISION_ONLY}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 GPU_CASES = [(op, name) for op, table in OP_TABLES.items() for name in table if name != REFERENCE[op]]
 
