@@ -127,6 +127,7 @@ class Trainer:
                    f"kernels: {kernels.describe()}; plugin {args.plugin}, {args.mixed_precision}, "
                    f"{self.world_size} process(es), micro batch {args.batch_size} x {self.seq_len}, "
                    f"gradient accumulation {self.accum}")
+        self.kernels = kernels  # the backends resolved, for the run's records (benchmark.py's JSON line)
         model = self.model_builder(args, self.config, kernels)
         if initial_weights is not None:
             load_weights(None, model, initial_weights, args.plugin, boosted=False)

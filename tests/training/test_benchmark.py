@@ -16,7 +16,7 @@ from training import batch_search
 from training.baseline import build_hf_model
 
 BENCH = ["-c", "tiny", "-p", "ddp", "-x", "fp32", "-l", "64", "--max_steps", "3"]
-RUN_FIELDS = {"model_impl", "kernels", "plugin", "micro_batch", "tokens_per_s_per_gpu", "peak_mem_gib"}
+RUN_FIELDS = {"model_impl", "kernels", "attention", "plugin", "micro_batch", "tokens_per_s_per_gpu", "peak_mem_gib"}
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
@@ -52,6 +52,7 @@ def test_profile_writes_a_trace_and_prints_the_top_operators(tmp_path):
     assert "profile of steps 4-6" in result.stdout and "Self CPU time total" in result.stdout
     (line,) = json_lines(result)
     assert {key: line[key] for key in CLOCK_FIELDS} == dict.fromkeys(CLOCK_FIELDS)  # no GPU to read on a CPU
+    assert (line["kernels"], line["attention"]) == ("torch", "sdpa")  # the default preset's attention
 
 
 def test_profile_refuses_too_few_steps():
@@ -67,7 +68,7 @@ def test_baseline_hf_prints_both_runs_and_their_ratios():
     assert len(lines) == 3, lines
     suite, hf, ratios = lines
     assert RUN_FIELDS <= suite.keys() and RUN_FIELDS <= hf.keys()
-    assert (suite["model_impl"], hf["model_impl"], hf["kernels"]) == ("suite", "hf", "sdpa")
+    assert (suite["model_impl"], hf["model_impl"], hf["kernels"], hf["attention"]) == ("suite", "hf", "sdpa", "sdpa")
     assert suite["micro_batch"] == hf["micro_batch"] == 2 and suite["plugin"] == hf["plugin"] == "ddp"
     assert suite["tokens_per_s_per_gpu"] > 0 and hf["tokens_per_s_per_gpu"] > 0
     assert ratios["baseline"] == "hf"
