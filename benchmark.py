@@ -87,8 +87,9 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
     return {
         "model": config.name, "model_impl": model_impl, "params": config.num_params(), "plugin": args.plugin,
         "kernels": kernels,
-        # which attention ran: `--kernels auto` takes flash_attn4 where flash-attn-4 is installed, else sdpa_cudnn
-        "attention": dict(trainer.kernels.names)["attention"] if model_impl == "suite" else "sdpa",
+        # which attention ran: `--kernels auto` takes flash_attn4 where flash-attn-4 is installed, else sdpa_cudnn;
+        # the HF baseline's `kernels` name its attention, SDPA
+        "attention": dict(trainer.kernels.names)["attention"] if model_impl == "suite" else kernels,
         "precision": args.mixed_precision, "gpus": world_size,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch": args.batch_size, "seq_len": args.max_length, "grad_accum": trainer.accum,

@@ -335,7 +335,7 @@ def estimate(config: LlamaConfig, *, plugin: str, n_gpus: int, micro_batch: int,
     # Model states in bytes: GPU params, gradients held (during / at the end of backward), optimizer state on
     # the GPU, what the step adds, host bytes per rank, buffers (reduce buckets or gathered chunks).
     accum = grad_accum > 1
-    if plugin in ("zero1", "zero2", "zero2_cpu") or hybrid:
+    if plugin in LOW_LEVEL_ZERO_PLUGINS or hybrid:
         shard = dp if (plugin != "hybrid_parallel" or zero >= 1) else 1
         partitioned = (hybrid and zero == 2) or (not hybrid and zero_stage(dp, plugin) == 2)
         on_cpu = plugin == "zero2_cpu"

@@ -189,15 +189,22 @@ _varlen_offsets = _PerBatch(varlen_offsets)
 def attention_flash_attn_varlen(q, k, v, doc_ids=None):
     from flash_attn import flash_attn_varlen_func
 
+    def causal_per_document(q, k, v, cu_seqlens, max_len):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+
+    return over_documents(causal_per_document, q, k, v, doc_ids)
+
+
+def over_documents(varlen_attention, q, k, v, doc_ids=None):
+    """A varlen kernel on the (B*T) flattened tokens, each document (each row, without doc_ids) its own sequence:
+    varlen_attention(q, k, v, cu_seqlens, max_len) on (B*T, heads, D) tensors; (B, T, H, D) in and out."""
     batch, seq, heads, head_dim = q.shape
     if doc_ids is None:
-        doc_ids = torch.zeros(batch, seq, dtype=torch.int32, device=q.device)
-        cu_seqlens, max_len = varlen_offsets(doc_ids)
+        cu_seqlens, max_len = varlen_offsets(torch.zeros(batch, seq, dtype=torch.int32, device=q.device))
     else:
         cu_seqlens, max_len = _varlen_offsets(doc_ids)
     q, k, v = (t.reshape(batch * seq, t.shape[2], head_dim) for t in (q, k, v))  # (B*T, heads, D)
-    out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
-    return out.view(batch, seq, heads, head_dim)
+    return varlen_attention(q, k, v, cu_seqlens, max_len).view(batch, seq, heads, head_dim)
 
 
 @hookable
@@ -218,14 +225,13 @@ def attention_flash_attn4(q, k, v, doc_ids=None):
     if not _cutlass_argv_guarded:
         guard_cutlass_against_our_flags()
     if doc_ids is None:
-        out, _ = flash_attn_func(q, k, v, causal=True)  # (out, log-sum-exp or None)
-        return out
-    batch, seq, heads, head_dim = q.shape
-    cu_seqlens, max_len = _varlen_offsets(doc_ids)
-    q, k, v = (t.reshape(batch * seq, t.shape[2], head_dim) for t in (q, k, v))  # (B*T, heads, D)
-    out, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len,
-                                    max_seqlen_k=max_len, causal=True)
-    return out.view(batch, seq, heads, head_dim)
+        return flash_attn_func(q, k, v, causal=True)[0]  # (out, log-sum-exp or None)
+
+    def causal_per_document(q, k, v, cu_seqlens, max_len):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                      max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True)[0]
+
+    return over_documents(causal_per_document, q, k, v, doc_ids)
 
 
 _cutlass_argv_guarded = False
