@@ -81,7 +81,10 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
     with step_profiler(args.profile, rank) if profiling else nullcontext() as profiler:
         if profiling:
             trainer.step_hooks.append(profiler.step)
-        trainer.fit(save_at_end=False)
+        trainer.fit(save_at_end=False, save_on_preemption=False)
+    if trainer.preempted:  # no line from a cut-short run, and no baseline after it: the signal asked to stop
+        raise SystemExit(f"benchmark: {trainer.preempted.signal_name} at step {trainer.state.step} of "
+                         f"{args.max_steps} ({model_impl} model): stopped without a result")
     summary = trainer.summary
     tokens_per_s = summary.get("tokens_per_s_per_gpu", 0.0)
     return {

@@ -261,8 +261,11 @@ class Trainer:
         return value
 
     # ---- the loop ------------------------------------------------------------------------------
-    def fit(self, save_at_end: bool = True) -> list[float]:
-        """Run until total_steps, preemption or --stop_after; returns the losses of the steps run here."""
+    def fit(self, save_at_end: bool = True, save_on_preemption: bool = True) -> list[float]:
+        """Run until total_steps, preemption or --stop_after; returns the losses of the steps run here.
+
+        save_on_preemption=False (benchmark.py): a SIGTERM or SIGUSR1 stops the loop without a checkpoint; a
+        measurement on synthetic tokens has nothing worth the minutes and gigabytes of a save."""
         args = self.args
         throughput = metrics.Throughput(self.config.flops_per_token(self.seq_len), self.world_size,
                                         warmup_steps=min(2, max(0, self.total_steps - self.state.step - 1)),
@@ -296,7 +299,7 @@ class Trainer:
                 bar.update(1)
                 if self.eval_interval and self.state.step % self.eval_interval == 0:
                     self.validate()
-                if self._save_or_stop(steps_run=len(losses), save_at_end=save_at_end):
+                if self._save_or_stop(len(losses), save_at_end, save_on_preemption):
                     break
         finally:
             bar.close()
@@ -306,12 +309,15 @@ class Trainer:
                         "resident_mem_gib": metrics.resident_gpu_mem_gib(), "host_mem_gib": metrics.host_mem_gib()}
         return losses
 
-    def _save_or_stop(self, steps_run: int, save_at_end: bool) -> bool:
+    def _save_or_stop(self, steps_run: int, save_at_end: bool, save_on_preemption: bool) -> bool:
         """Save when due; True when this launch should stop (finished, preempted, or --stop_after reached)."""
         args, step = self.args, self.state.step
         finished = step >= self.total_steps
         stop = finished or bool(self.preempted) or (args.stop_after is not None and steps_run >= args.stop_after)
         if self.preempted:
+            if not save_on_preemption:
+                self.print(f"\n{self.preempted.signal_name}: stopping at step {step} without saving")
+                return True
             self.print(f"\n{self.preempted.signal_name}: saving at step {step} and exiting")
         due = bool(args.save_interval) and step % args.save_interval == 0
         if due or (stop and (save_at_end or not finished)):

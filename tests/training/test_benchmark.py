@@ -2,7 +2,10 @@
 micro-batch search (its doubling and stopping, with a fake launcher and one real one)."""
 import argparse
 import json
+import os
+import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from entry_points import run_script
 from benchmark import CLOCK_FIELDS
 from model.config import CONFIGS
 from model.llama import LlamaForCausalLM
+from tests.training.test_crash_resume import start
 from tests.training.test_pretrain_cpu import last_error_line, ok
 from training import batch_search
 from training.baseline import build_hf_model
@@ -74,6 +78,22 @@ def test_baseline_hf_prints_both_runs_and_their_ratios():
     assert ratios["baseline"] == "hf"
     assert ratios["speedup"] == pytest.approx(suite["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"], rel=0.01)
     assert "memory_ratio" in ratios and ratios["memory_ratio"] is None  # no GPU memory to compare on a CPU
+
+
+def test_sigterm_stops_without_a_checkpoint_a_line_or_the_baseline(tmp_path):
+    """A benchmark told to stop (a scheduler's SIGTERM, a timeout) stops: it used to save the synthetic run's model
+    and optimizer into -o (13 GB for 1b) and then go on to the HF baseline, printing a line of 0 tokens/s."""
+    bench = start([sys.executable, "benchmark.py", *BENCH[:-1], "100000", "-b", "2", "--baseline", "hf",
+                   "-o", tmp_path / "ckpt", "--log_interval", "1"])
+    for line in bench.stdout:  # the loop is running once it logs a step
+        if "loss=" in line:
+            break
+    os.killpg(bench.pid, signal.SIGTERM)
+    output, _ = bench.communicate(timeout=120)
+    assert bench.returncode != 0
+    assert "SIGTERM: stopping at step" in output and "(suite model): stopped without a result" in output, output
+    assert "baseline:" not in output and not [line for line in output.splitlines() if line.startswith("{")]
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
 def test_baseline_hf_with_hybrid_parallel_is_one_clear_line():
