@@ -47,11 +47,12 @@ def step_profiler(folder: str, rank: int) -> torch.profiler.profile:
 FORWARD_BACKWARD, OPTIMIZER_STEP = "forward_backward", "optimizer_step"
 PHASES = (FORWARD_BACKWARD, OPTIMIZER_STEP)
 
-# Kernel kinds by name, first match wins: cuBLAS/CUTLASS matmuls, attention, collectives, the optimizer's fused
-# kernels, Triton kernels (Liger's), then the rest of PyTorch's own.
+# Kernel kinds by name, first match wins: attention, cuBLAS/CUTLASS matmuls, collectives, the optimizer's fused
+# kernels, Triton kernels (Liger's), then the rest of PyTorch's own. Attention comes first because FlashAttention-4's
+# kernels are CUTLASS kernels by name ("kernel_cutlass_kernel_flash_attncute...").
 KERNEL_KINDS = (
-    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)),
     ("attention", re.compile(r"fmha|flash|cudnn|attention|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)),
     ("communication", re.compile(r"nccl", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
     ("triton", re.compile(r"_kernel$|^triton", re.I)),

@@ -63,4 +63,7 @@ def test_a_trace_without_gpu_work_has_no_timeline(tmp_path):
 
 def test_kernel_kinds():
     assert kernel_kind({"cat": "kernel", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"}) == "attention"
+    flash_attn4 = "kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at__tensor"
+    assert kernel_kind({"cat": "kernel", "name": flash_attn4}) == "attention"  # a CUTLASS kernel, but not a matmul
+    assert kernel_kind({"cat": "kernel", "name": "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"}) == "matmul"
     assert kernel_kind({"cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel<4>"}) == "other"
