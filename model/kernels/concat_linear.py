@@ -51,18 +51,24 @@ def weight_grads_summed_in_place(enabled: bool = True):
 def side_by_side(tensors) -> torch.Tensor | None:
     """Two-dimensional tensors of one width as one (sum of rows, width) view, when they lie contiguously, in order,
     in one storage; None otherwise (then only a copy can join them). Also None for views into a freed storage, as
-    Gemini leaves its parameters between uses."""
-    if not _joinable(tensors):
-        return None
+    Gemini leaves its parameters between uses.
+
+    Called in every forward and backward of every projection, so it reads addresses, not storage objects: each
+    tensor must start where the one before it ends, and the first one's storage must hold them all (which also
+    puts them all on its device)."""
     first = tensors[0]
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for t in tensors:
-        if not t.is_contiguous() or t.storage_offset() != offset or t.untyped_storage().data_ptr() != storage:
-            return None
-        offset += t.numel()
-    if first.untyped_storage().nbytes() < offset * first.element_size():
+    if first.dim() != 2:
         return None
-    return first.as_strided((sum(t.shape[0] for t in tensors), first.shape[1]), (first.shape[1], 1))
+    width, dtype, size = first.shape[1], first.dtype, first.element_size()
+    start, rows = first.data_ptr(), 0
+    for t in tensors:
+        if (t.dim() != 2 or t.shape[1] != width or t.dtype != dtype or not t.is_contiguous()
+                or t.data_ptr() != start + rows * width * size):
+            return None
+        rows += t.shape[0]
+    if first.untyped_storage().nbytes() < (first.storage_offset() + rows * width) * size:
+        return None
+    return first.as_strided((rows, width), (width, 1))
 
 
 def _joinable(tensors) -> bool:
@@ -115,27 +121,31 @@ class _ConcatLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         # Under autocast (plain DDP trains float32 weights that way) compute in the autocast dtype, as F.linear
         # would; the backward runs outside autocast, so it casts by itself, from the dtype of the saved input.
-        device = x.device.type
+        # Each step runs four of these per layer, so the host's work here is kept to what the call needs: no
+        # casts or autocast context where there is nothing to cast (at small micro batches the host sets the pace).
         dtype = linear_dtype(x)
-        x = x.to(dtype)
+        x = _as(x, dtype)
         ctx.save_for_backward(x, *weights)
         if not torch.compiler.is_compiling():
             ctx.weights = weights  # the parameters themselves, for their .grad (a saved tensor unpacks as another)
-        with torch.autocast(device, enabled=False):
-            return x @ _joined(weights).to(dtype).t()
+        joined = _as(_joined(weights), dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return x @ joined.t()
+        return x @ joined.t()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, *weights = ctx.saved_tensors
-        grad_out = grad_out.to(x.dtype)
-        grad_x = grad_out @ _joined(weights).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_out = _as(grad_out, x.dtype)
+        grad_x = grad_out @ _as(_joined(weights), x.dtype) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[1:]):  # frozen weights
             return grad_x, *(None for _ in weights)
         grad_out, x = grad_out.flatten(0, -2), x.flatten(0, -2)
         if all(ctx.needs_input_grad[1:]) and _sum_into_existing_grads(getattr(ctx, "weights", None), grad_out, x):
             return grad_x, *(None for _ in weights)
         grad_weight = grad_out.t() @ x  # (sum of out features, in features)
-        return grad_x, *(g.to(w.dtype) for g, w in zip(grad_weight.split([w.shape[0] for w in weights]), weights))
+        return grad_x, *(_as(g, w.dtype) for g, w in zip(grad_weight.split([w.shape[0] for w in weights]), weights))
 
 
 @hookable
@@ -148,6 +158,11 @@ def linear_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype F.linear would multiply x in: autocast's where autocast is on for x's device, else x's own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a call into torch when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _joined(weights) -> torch.Tensor:

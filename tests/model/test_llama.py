@@ -3,6 +3,7 @@ import dataclasses
 from collections import Counter
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from dispatched_ops import DispatchedOps
@@ -341,6 +342,11 @@ def test_side_by_side_only_joins_tensors_contiguous_and_in_order():
     assert side_by_side([buffer[:2], buffer[3:]]) is None  # a gap
     assert side_by_side([buffer[:2], torch.zeros(2, 4)]) is None  # another storage
     assert side_by_side([buffer[:, :2], buffer[:, 2:]]) is None  # not contiguous
+    assert side_by_side([buffer[:2], buffer[2:].view(torch.int32)]) is None  # another dtype
+    memory = np.arange(24, dtype=np.float32)
+    apart = [torch.from_numpy(memory[:8]).view(2, 4), torch.from_numpy(memory[8:]).view(4, 4)]
+    assert apart[1].data_ptr() == apart[0].data_ptr() + 32  # adjacent addresses ...
+    assert side_by_side(apart) is None  # ... in two storages: the first cannot be viewed past its end
     freed = torch.arange(24.).reshape(6, 4)
     views = [freed[:2], freed[2:]]
     freed.untyped_storage().resize_(0)  # as Gemini leaves its parameters between uses
