@@ -122,14 +122,10 @@ def build_eval_model(args: argparse.Namespace, config, weights: str):
     """The model under the plugin's booster, weights loaded, no optimizer: (model, device, autocast)."""
     from colossalai.booster import Booster
 
-    from model.kernels import resolve_kernels
-
-    from .loop import _autocast, _parse_overrides, build_model, load_weights
+    from .loop import _autocast, build_model, kernels_for_run, load_weights
     from .plugins import build_plugin
 
-    kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override),
-                              float32=args.mixed_precision == "fp32")
-    model = build_model(args, config, kernels)
+    model = build_model(args, config, kernels_for_run(args))
     load_weights(None, model, weights, args.plugin, boosted=False)
     booster = Booster(plugin=build_plugin(args, grad_accum_steps=1))
     model, *_ = booster.boost(model)

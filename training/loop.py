@@ -121,8 +121,7 @@ class Trainer:
         from colossalai.booster import Booster
 
         args = self.args
-        kernels = resolve_kernels(args.kernels, _parse_overrides(args.kernel_override),
-                                  float32=args.mixed_precision == "fp32")
+        kernels = kernels_for_run(args)
         self.print(f"model {self.config.name}: {self.config.num_params() / 1e6:,.1f}M parameters; "
                    f"kernels: {kernels.describe()}; plugin {args.plugin}, {args.mixed_precision}, "
                    f"{self.world_size} process(es), micro batch {args.batch_size} x {self.seq_len}, "
@@ -392,6 +391,13 @@ class Trainer:
     def print(self, *values) -> None:
         if self.is_main:
             print(*values, flush=True)
+
+
+def kernels_for_run(args: argparse.Namespace):
+    """The backends of --kernels and --kernel_override for this run's precision (-x fp32 rules out half-precision
+    attention); training and evaluation resolve them the same way."""
+    return resolve_kernels(args.kernels, _parse_overrides(args.kernel_override),
+                           float32=args.mixed_precision == "fp32")
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, str]:

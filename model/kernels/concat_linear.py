@@ -120,19 +120,16 @@ class _ConcatLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         # Under autocast (plain DDP trains float32 weights that way) compute in the autocast dtype, as F.linear
-        # would; the backward runs outside autocast, so it casts by itself, from the dtype of the saved input.
-        # Each step runs four of these per layer, so the host's work here is kept to what the call needs: no
-        # casts or autocast context where there is nothing to cast (at small micro batches the host sets the pace).
+        # would; the backward runs outside autocast, so it casts by itself, from the dtype of the saved input. Both
+        # operands are cast here, so autocast, if on, finds nothing left to cast in the matmul. Each step runs four
+        # of these per layer, so no cast is called where there is nothing to cast (at small micro batches the host
+        # sets the pace).
         dtype = linear_dtype(x)
         x = _as(x, dtype)
         ctx.save_for_backward(x, *weights)
         if not torch.compiler.is_compiling():
             ctx.weights = weights  # the parameters themselves, for their .grad (a saved tensor unpacks as another)
-        joined = _as(_joined(weights), dtype)
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return x @ joined.t()
-        return x @ joined.t()
+        return x @ _as(_joined(weights), dtype).t()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -2,8 +2,8 @@
 import dataclasses
 from collections import Counter
 
-import pytest
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from dispatched_ops import DispatchedOps
