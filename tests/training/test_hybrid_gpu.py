@@ -23,6 +23,8 @@ LAYOUTS = {
     "pp2_interleaved": ["--pp", "2", "--pp_style", "interleaved", "--num_model_chunks", "2", "--microbatch_size", "1"],
     "tp2_sequence_parallel": ["--tp", "2", "--sequence_parallel", "split_gather"],
     "tp2_sequence_parallel_ring": ["--tp", "2", "--sequence_parallel", "ring"],
+    # -g 1: each stage recomputes its first layer only (config.py recomputed_layers), the others keep activations
+    "pp2_partial_recompute": ["--pp", "2", "--microbatch_size", "1", "-g", "1"],
 }
 
 
