@@ -73,6 +73,10 @@ class Kernels:
     names: tuple[tuple[str, str], ...]
     preset: str = ""
 
+    def backend(self, op: str) -> str:
+        """The name of the backend resolved for `op`, e.g. backend("attention") -> "flash_attn4"."""
+        return dict(self.names)[op]
+
     def describe(self) -> str:
         chosen = ", ".join(f"{op}={name}" for op, name in self.names)
         return f"{self.preset} ({chosen})" if self.preset else chosen

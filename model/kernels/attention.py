@@ -185,6 +185,12 @@ def varlen_offsets(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 _varlen_offsets = _PerBatch(varlen_offsets)
 
 
+def row_offsets(batch: int, seq: int, device) -> tuple[torch.Tensor, int]:
+    """varlen_offsets when each row is one sequence, from the shape alone: varlen_offsets would read its longest
+    document back from the GPU, a host synchronisation in every layer's forward."""
+    return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device), seq
+
+
 @hookable
 def attention_flash_attn_varlen(q, k, v, doc_ids=None):
     from flash_attn import flash_attn_varlen_func
@@ -200,7 +206,7 @@ def over_documents(varlen_attention, q, k, v, doc_ids=None):
     varlen_attention(q, k, v, cu_seqlens, max_len) on (B*T, heads, D) tensors; (B, T, H, D) in and out."""
     batch, seq, heads, head_dim = q.shape
     if doc_ids is None:
-        cu_seqlens, max_len = varlen_offsets(torch.zeros(batch, seq, dtype=torch.int32, device=q.device))
+        cu_seqlens, max_len = row_offsets(batch, seq, q.device)
     else:
         cu_seqlens, max_len = _varlen_offsets(doc_ids)
     q, k, v = (t.reshape(batch * seq, t.shape[2], head_dim) for t in (q, k, v))  # (B*T, heads, D)

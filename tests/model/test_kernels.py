@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import model.kernels as kernels
 from model.kernels import OP_TABLES, OPS, PRESETS, auto_preset, missing_packages, resolve_kernels
-from model.kernels.attention import HALF_PRECISION_ONLY, document_ids, varlen_offsets
+from model.kernels.attention import HALF_PRECISION_ONLY, document_ids, row_offsets, varlen_offsets
 from model.kernels.hookable import hookable
 from model.kernels.rotary import rotary_tables
 
@@ -45,6 +45,7 @@ def test_every_preset_names_a_known_backend_for_every_op():
 def test_overrides_replace_single_ops():
     chosen = resolve_kernels("torch", {"attention": "math", "swiglu": "torch"})
     assert dict(chosen.names)["attention"] == "math"
+    assert chosen.backend("attention") == "math" and chosen.backend("swiglu") == "torch"
     assert chosen.attention is OP_TABLES["attention"]["math"]
     assert chosen.rms_norm is OP_TABLES["rms_norm"]["torch"]
     assert chosen.describe() == ("torch (attention=math, rms_norm=torch, add_rms_norm=torch, rotary=torch, "
@@ -254,6 +255,8 @@ def test_varlen_offsets_cover_documents_and_rows():
     # Rows whose documents carry the same id still split at the row boundary.
     cu_seqlens, longest = varlen_offsets(torch.zeros(3, 4, dtype=torch.long))
     assert cu_seqlens.tolist() == [0, 4, 8, 12] and longest == 4
+    cu_seqlens, longest = row_offsets(3, 4, "cpu")  # the same, from the shape alone
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 4, 8, 12] and longest == 4
 
 
 @pytest.mark.parametrize("layout", ["causal", "document"])
