@@ -37,7 +37,8 @@ _sum_weight_grads_in_place = False
 
 @contextmanager
 def weight_grads_summed_in_place(enabled: bool = True):
-    """While on, backwards add weight gradients into the weights' existing .grad inside their GEMM (see module doc).
+    """While on, backwards add weight gradients into the weights' existing .grad inside their GEMM (see module doc), and
+    the Triton norms inside their kernel (triton_rmsnorm.py).
     Only for backwards whose gradients nothing reads before the next: weights summed this way get no gradient hook
     call (AccumulateGrad does not run for them), so a reducing plugin must not be waiting for them."""
     global _sum_weight_grads_in_place
@@ -46,6 +47,12 @@ def weight_grads_summed_in_place(enabled: bool = True):
         yield
     finally:
         _sum_weight_grads_in_place = previous
+
+
+def summing_weight_grads_in_place() -> bool:
+    """Whether a backward running now may add its weight gradients into existing .grad (weight_grads_summed_in_place
+    is on, outside a traced backward); the other fused kernels with weights (triton_rmsnorm.py) follow it too."""
+    return _sum_weight_grads_in_place and not torch.compiler.is_compiling()
 
 
 def side_by_side(tensors) -> torch.Tensor | None:
@@ -107,7 +114,7 @@ def place_side_by_side(weights) -> bool:
 def _sum_into_existing_grads(weights, grad_out: torch.Tensor, x: torch.Tensor) -> bool:
     """grad_out.T @ x added into the weights' gradients by one GEMM, if in-place sums are on and possible. `weights`
     is None where the forward was traced (torch.compile): a traced backward stays plain."""
-    if not _sum_weight_grads_in_place or weights is None or torch.compiler.is_compiling():
+    if weights is None or not summing_weight_grads_in_place():
         return False
     summed = grads_side_by_side(weights)
     if summed is None or summed.dtype != x.dtype:  # e.g. float32 gradients of autocast weights

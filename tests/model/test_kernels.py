@@ -589,3 +589,36 @@ def test_triton_loss_never_waits_for_the_gpu():
     if not missing_packages("loss", "liger"):
         with pytest.raises(RuntimeError, match="synchroniz"):
             _forward_backward_under_sync_errors(OP_TABLES["loss"]["liger"], case)
+
+
+# ---- the triton add + RMSNorm under gradient accumulation -----------------------------------------------------
+def _norm_weight_grads(weight_dtype: torch.dtype, in_place: bool) -> tuple[torch.Tensor, int]:
+    """The triton add + RMSNorm's weight gradient summed over three backwards, the last two under
+    weight_grads_summed_in_place when `in_place`; and how many gradients autograd was handed for the weight."""
+    from model.kernels.concat_linear import weight_grads_summed_in_place
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.nn.Parameter((1 + 0.1 * torch.randn(512, generator=generator)).to("cuda", weight_dtype))
+    handed = []
+    weight.register_hook(lambda grad: handed.append(grad is not None))
+    for micro_batch in range(3):
+        x, residual, upstream = (torch.randn(2, 64, 512, generator=generator).to("cuda", torch.bfloat16)
+                                 for _ in range(3))
+        out, total = OP_TABLES["add_rms_norm"]["triton"](x.requires_grad_(), residual, weight, 1e-5)
+        with weight_grads_summed_in_place(in_place and micro_batch > 0):
+            ((out.float() * upstream.float()).sum() + total.float().sum()).backward()
+    return weight.grad.float(), sum(handed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_norm_sums_its_weight_grads_in_place_like_autograd(weight_dtype):
+    """Under in-place sums (the training loop's deferred micro-batches), the norm adds its weight gradient into the
+    existing .grad inside its second kernel, as the projections do in their GEMMs, and hands autograd nothing; the
+    sum is autograd's, to the weight dtype's rounding (autograd rounds each micro-batch's gradient once more)."""
+    if missing_packages("add_rms_norm", "triton"):
+        pytest.skip("needs triton")
+    by_autograd, handed_by_autograd = _norm_weight_grads(weight_dtype, in_place=False)
+    in_place, handed_in_place = _norm_weight_grads(weight_dtype, in_place=True)
+    assert (handed_by_autograd, handed_in_place) == (3, 1)  # in place: only the first, which found no .grad
+    assert relative_error(in_place, by_autograd) < (1e-2 if weight_dtype == torch.bfloat16 else 1e-5)

@@ -222,18 +222,20 @@ def test_zero2_on_one_gpu_accumulates_in_place_with_the_same_result(distributed)
         assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)
 
 
-def test_weight_gradients_summed_in_place_give_the_same_steps(distributed):
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_weight_gradients_summed_in_place_give_the_same_steps(distributed, kernels):
     """-p zero2 on one GPU, as the loop runs it: the micro-batches under no_sync sum the linear layers' weight
     gradients inside their GEMMs (fp32 accumulation, one bf16 rounding) rather than through autograd (bf16 GEMM
-    output, then a bf16 add); the weights after two steps differ by at most a bf16 rounding step."""
+    output, then a bf16 add), and with the auto kernels the Triton norms theirs inside their second kernel; the
+    weights after two steps differ by at most a bf16 rounding step."""
     from model.kernels import concat_linear as kernel
 
     real, summed = kernel._sum_into_existing_grads, []
     with mock.patch.object(kernel, "_sum_into_existing_grads", lambda *args: summed.append(real(*args)) or summed[-1]):
-        in_place = accumulated_step_weights(stage=zero_stage(1), defer=True, in_place=True)
+        in_place = accumulated_steps(stage=zero_stage(1), defer=True, in_place=True, kernels=kernels)[0]
     # 2 steps x the 2 middle micro-batches of 4 (the first has no gradients yet, the last reduces) x 4 GEMMs a layer
     assert sum(summed) == 2 * 2 * 4 * CONFIG.num_hidden_layers
-    through_autograd = accumulated_step_weights(stage=zero_stage(1), defer=True)
+    through_autograd = accumulated_steps(stage=zero_stage(1), defer=True, kernels=kernels)[0]
     for got, expected in zip(in_place, through_autograd):
         assert torch.allclose(got, expected, rtol=RTOL, atol=1e-6)
 
