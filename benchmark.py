@@ -1,20 +1,25 @@
 """Throughput of the training step on synthetic tokens: the same step as pretrain.py, without data loading.
 
-Prints one JSON line per run: tokens/s/GPU, MFU, TFLOPS/GPU (also under Colossal-AI's 8N convention),
-peak GPU and host memory, and the GPU's mean SM clock and power draw over the timed steps (rank 0's GPU). `--baseline hf` then runs transformers' LlamaForCausalLM (SDPA) through the same plugin,
-batch and loop in the same process, prints its line, and a last line with the suite's speedup over it and the
-ratio of their peak GPU memory (suite / hf). host_mem_gib is the process's peak, which cannot be reset, so the
-baseline's line leaves it out. `--profile DIR` profiles a few steps (training/profiling.py); the JSON line's
-throughput then includes the profiler's overhead.
+Prints one JSON line per run: tokens/s/GPU, MFU, TFLOPS/GPU (also under Colossal-AI's 8N convention), peak GPU
+and host memory, and the GPU's mean SM clock and power draw over the timed steps (rank 0's GPU). `--baseline hf`
+then runs transformers' LlamaForCausalLM (SDPA) through the same plugin, batch and loop in the same process, prints
+its line, and a last line with the suite's speedup over it and the ratio of their peak GPU memory (suite / hf).
+host_mem_gib is the process's peak, which cannot be reset, so the baseline's line leaves it out. `--repeats N`
+measures N times (each line names its `repeat`); with the baseline the pairs alternate which model runs first, since
+a GPU at its power limit slows as it warms up, and the speedup is the ratio of the two models' median tokens/s.
+`--profile DIR` profiles a few steps (training/profiling.py); the JSON line's throughput then includes the
+profiler's overhead.
 
   torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --max_steps 20
   torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --baseline hf
+  torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 4 -l 2048 --kernels auto --baseline hf --repeats 3
   python -m training.batch_search --max_batch 32 -- -c 1b -p zero2 -l 2048    # the fastest micro batch
   torchrun --nproc_per_node 1 benchmark.py -c 1b -p zero2 -b 8 -l 2048 --kernels auto --profile runs/profile
 """
 import argparse
 import gc
 import json
+import statistics
 from contextlib import nullcontext
 
 import torch
@@ -40,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
     flags.add_output_flags(p)
     p.add_argument("--baseline", choices=("hf",), default=None,
                    help="also run transformers' LlamaForCausalLM (SDPA) the same way, and print the ratios")
+    p.add_argument("--repeats", type=_at_least_one, default=1, metavar="N",
+                   help="measure N times, alternating which model runs first with --baseline (default 1)")
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="profile a few steps of the suite's run: Chrome traces in DIR, a table of the top kernels "
                         "and a GPU timeline summary (busy fraction, time per kernel kind and step phase, idle gaps)")
@@ -53,22 +60,49 @@ def main(argv=None) -> None:
         check_plugin(given.plugin)  # before resolve_run, whose checks would hide this under other refusals
     if given.profile:
         check_steps(given.max_steps)
+        if given.repeats > 1:
+            raise SystemExit("error: --profile traces one run; leave out --repeats")
     args, config, rank, world_size = resolve_run(parser(), argv)
     if args.baseline == "hf":
         check_recomputation(args.grad_checkpoint, config.num_hidden_layers)
     emit = _printer(rank)
-    suite = emit(measure(args, config, rank, world_size, model_impl="suite", kernels=args.kernels))
-    if args.baseline != "hf":
-        return
-    _free_accelerator_memory()  # the suite's trainer is gone: the baseline starts from an empty GPU
+    runs = {"suite": [], "hf": []}
+    for repeat in range(1, args.repeats + 1):
+        order = ("suite", "hf") if repeat % 2 else ("hf", "suite")
+        for model_impl in order if args.baseline == "hf" else ("suite",):
+            if runs["suite"] or runs["hf"]:
+                _free_accelerator_memory()  # the last trainer is gone: this run starts from an empty GPU
+            line = {**measure_model(args, config, rank, world_size, model_impl), "repeat": repeat}
+            runs[model_impl].append(emit(line))
+    if args.baseline == "hf":
+        emit(speedup_line(runs["suite"], runs["hf"]))
+
+
+def measure_model(args, config, rank: int, world_size: int, model_impl: str) -> dict:
+    """One run of the suite's model, or of transformers' (model_impl "hf"), as measure() reports it."""
+    if model_impl == "suite":
+        return measure(args, config, rank, world_size, model_impl="suite", kernels=args.kernels)
     if rank == 0:
         print("baseline: transformers' LlamaForCausalLM, SDPA attention (the kernels named next are the suite's, "
               "unused here)", flush=True)
     hf = measure(args, config, rank, world_size, model_impl="hf", kernels="sdpa", model_builder=build_hf_model)
-    hf["host_mem_gib"] = None  # the process's peak, the suite's run included
-    emit(hf)
-    emit({"baseline": "hf", "speedup": _ratio(suite["tokens_per_s_per_gpu"], hf["tokens_per_s_per_gpu"]),
-          "memory_ratio": _ratio(suite["peak_mem_gib"], hf["peak_mem_gib"])})
+    hf["host_mem_gib"] = None  # the process's peak, the suite's runs included
+    return hf
+
+
+def speedup_line(suite_runs: list[dict], hf_runs: list[dict]) -> dict:
+    """The suite's speedup over transformers' model (median tokens/s over median tokens/s), each pair's, and the
+    ratio of their peak GPU memory (the largest of each model's runs)."""
+    def median(runs, key):
+        return statistics.median(run[key] for run in runs)
+
+    line = {"baseline": "hf", "speedup": _ratio(median(suite_runs, "tokens_per_s_per_gpu"),
+                                                median(hf_runs, "tokens_per_s_per_gpu"))}
+    if len(suite_runs) > 1:
+        line["speedups"] = [_ratio(suite["tokens_per_s_per_gpu"], hf["tokens_per_s_per_gpu"])
+                            for suite, hf in zip(suite_runs, hf_runs)]
+    peak = [max((run["peak_mem_gib"] for run in runs), default=0.0) for runs in (suite_runs, hf_runs)]
+    return {**line, "memory_ratio": _ratio(*peak)}
 
 
 def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernels: str, model_builder=None) -> dict:
@@ -126,6 +160,13 @@ def _printer(rank: int):
         return line
 
     return emit
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _ratio(suite: float, baseline: float) -> float | None:

@@ -80,6 +80,34 @@ def test_baseline_hf_prints_both_runs_and_their_ratios():
     assert "memory_ratio" in ratios and ratios["memory_ratio"] is None  # no GPU memory to compare on a CPU
 
 
+@pytest.mark.slow
+def test_repeated_baseline_pairs_alternate_and_the_speedup_is_of_the_medians():
+    lines = json_lines(ok(run("benchmark.py", *BENCH, "-b", "2", "--baseline", "hf", "--repeats", "3")))
+    runs, ratios = lines[:-1], lines[-1]
+    # suite first, then transformers' model first, then the suite again: a warming GPU favours neither
+    assert [(line["model_impl"], line["repeat"]) for line in runs] == [
+        ("suite", 1), ("hf", 1), ("hf", 2), ("suite", 2), ("suite", 3), ("hf", 3)]
+    speed = {impl: [line["tokens_per_s_per_gpu"] for line in runs if line["model_impl"] == impl]
+             for impl in ("suite", "hf")}
+    assert ratios["baseline"] == "hf"
+    assert ratios["speedup"] == pytest.approx(sorted(speed["suite"])[1] / sorted(speed["hf"])[1], rel=0.01)
+    assert ratios["speedups"] == pytest.approx([s / h for s, h in zip(speed["suite"], speed["hf"])], rel=0.01)
+
+
+def test_repeats_take_a_count_of_one_or_more(capsys):
+    import benchmark
+
+    with pytest.raises(SystemExit):
+        benchmark.parser().parse_args(["--repeats", "0"])
+    assert "argument --repeats: must be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_repeats_with_profile_is_one_clear_line(tmp_path):
+    line = last_error_line(run("benchmark.py", *BENCH[:-2], "--max_steps", "6", "--repeats", "2",
+                               "--profile", str(tmp_path)))
+    assert line == "error: --profile traces one run; leave out --repeats"
+
+
 def test_sigterm_stops_without_a_checkpoint_a_line_or_the_baseline(tmp_path):
     """A benchmark told to stop (a scheduler's SIGTERM, a timeout) stops: it used to save the synthetic run's model
     and optimizer into -o (13 GB for 1b) and then go on to the HF baseline, printing a line of 0 tokens/s."""
