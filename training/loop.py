@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.config import LlamaConfig
 from model.kernels import resolve_kernels
-from model.kernels.concat_linear import weight_grads_summed_in_place
+from model.kernels.in_place_grads import weight_grads_summed_in_place
 from model.kernels.loss import IGNORE_INDEX
 from model.llama import LlamaForCausalLM
 

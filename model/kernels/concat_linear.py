@@ -10,12 +10,13 @@ are saved for the backward: the concatenation is made again there instead of bei
 backward (for 7b, 280 MB per layer). `hookable` lets Gemini fetch the weights' chunks, as for any fused kernel.
 
 With a single weight it is a plain bias-free linear layer (o_proj, down_proj), taken here for the second use:
-gradient accumulation. Under `weight_grads_summed_in_place`, which the training loop turns on for the micro-batches
-of a step before its last, a backward whose weights already hold gradients adds the new weight gradient into them
-inside the GEMM (C += A @ B, cuBLAS's beta = 1) and hands autograd none, instead of a new tensor that autograd then
-adds with a separate kernel that reads and writes every gradient once more (for 1b, about 6 ms per micro-batch of
-32,768 tokens on an H100). The first micro-batch's gradients are the split views of one GEMM output, which autograd
-keeps as they are, so q, k and v's gradients lie side by side and later sums are again one GEMM.
+gradient accumulation. Under in_place_grads.py's `weight_grads_summed_in_place`, which the training loop turns on
+for the micro-batches of a step before its last, a backward whose weights already hold gradients adds the new weight
+gradient into them inside the GEMM (C += A @ B, cuBLAS's beta = 1) and hands autograd none, instead of a new tensor
+that autograd then adds with a separate kernel that reads and writes every gradient once more (for 1b, about 6 ms
+per micro-batch of 32,768 tokens on an H100). The first micro-batch's gradients are the split views of one GEMM
+output, which autograd keeps as they are, so q, k and v's gradients lie side by side and later sums are again one
+GEMM.
 
 The weights themselves can lie side by side too (`place_side_by_side`, which training/plugins.py applies before the
 eager plugins take the model; Gemini's chunks hold them so by themselves, in the order the model registers them):
@@ -24,35 +25,10 @@ For 1b that copy wrote 1.2 GB per direction per micro-batch, about 2 ms of an H1
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from .hookable import hookable
-
-
-# Read in the backward, which autograd runs on its own thread for CUDA tensors: a module global, not a thread-local.
-_sum_weight_grads_in_place = False
-
-
-@contextmanager
-def weight_grads_summed_in_place(enabled: bool = True):
-    """While on, backwards add weight gradients into the weights' existing .grad inside their GEMM (see module doc), and
-    the Triton norms inside their kernel (triton_rmsnorm.py).
-    Only for backwards whose gradients nothing reads before the next: weights summed this way get no gradient hook
-    call (AccumulateGrad does not run for them), so a reducing plugin must not be waiting for them."""
-    global _sum_weight_grads_in_place
-    previous, _sum_weight_grads_in_place = _sum_weight_grads_in_place, enabled
-    try:
-        yield
-    finally:
-        _sum_weight_grads_in_place = previous
-
-
-def summing_weight_grads_in_place() -> bool:
-    """Whether a backward running now may add its weight gradients into existing .grad (weight_grads_summed_in_place
-    is on, outside a traced backward); the other fused kernels with weights (triton_rmsnorm.py) follow it too."""
-    return _sum_weight_grads_in_place and not torch.compiler.is_compiling()
+from .in_place_grads import summing_weight_grads_in_place
 
 
 def side_by_side(tensors) -> torch.Tensor | None:

@@ -9,14 +9,14 @@ call, 2.5 times what its memory traffic needs. Here each program takes tiles of 
 programs per SM, which keeps enough loads in flight to run at memory bandwidth. Each program sums its rows' weight
 gradient in float32; a second kernel adds the per-program sums up (torch's column sum of that (programs, columns)
 array took 18 us on an H100, and a cast and autograd's sum into .grad two more kernels). Under gradient accumulation
-with in-place sums on (concat_linear.py's weight_grads_summed_in_place) it adds them straight into the weight's .grad,
-as the projections' GEMMs do. The stream's incoming gradient (the second output's) is added inside the kernel.
+with in-place sums on (in_place_grads.py) it adds them straight into the weight's .grad, as the projections' GEMMs
+do. The stream's incoming gradient (the second output's) is added inside the kernel.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .concat_linear import summing_weight_grads_in_place
+from .in_place_grads import grad_to_sum_into
 
 PROGRAMS_PER_SM = 4
 # the second stage: each program sums all the partial rows of SUM_COLUMNS columns, SUM_ROWS rows per load
@@ -94,17 +94,16 @@ def _sum_partial_rows_kernel(parts_ptr, out_ptr, n_parts, n_cols, ACCUMULATE: tl
     tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _weight_grad(parts: torch.Tensor, weight: torch.Tensor, leaf: torch.Tensor | None) -> torch.Tensor | None:
-    """The weight gradient from the backward kernel's per-program sums (programs, n_cols). Added into the parameter
-    `leaf`'s .grad instead, returning None for autograd to add, when in-place sums are on and that .grad can take it."""
-    existing = leaf.grad if leaf is not None and leaf.is_leaf and summing_weight_grads_in_place() else None
-    accumulate = (existing is not None and existing.dtype == weight.dtype and existing.shape == weight.shape
-                  and existing.is_contiguous())
-    out = existing if accumulate else torch.empty_like(weight, memory_format=torch.contiguous_format)
+def _weight_grad(parts: torch.Tensor, weight: torch.Tensor, parameter: torch.Tensor | None) -> torch.Tensor | None:
+    """The weight gradient from the backward kernel's per-program sums (programs, n_cols); added into the parameter's
+    .grad instead, returning None (nothing for autograd to add), where in_place_grads.grad_to_sum_into allows it."""
+    existing = grad_to_sum_into(parameter, weight.dtype)
+    out = existing if existing is not None else torch.empty_like(weight, memory_format=torch.contiguous_format)
     n_parts, n_cols = parts.shape
     _sum_partial_rows_kernel[(triton.cdiv(n_cols, SUM_COLUMNS),)](
-        parts, out, n_parts, n_cols, ACCUMULATE=accumulate, ROWS=SUM_ROWS, COLUMNS=SUM_COLUMNS, num_warps=8)
-    return None if accumulate else out
+        parts, out, n_parts, n_cols, ACCUMULATE=existing is not None, ROWS=SUM_ROWS, COLUMNS=SUM_COLUMNS,
+        num_warps=8)
+    return None if existing is not None else out
 
 
 class AddRMSNorm(torch.autograd.Function):

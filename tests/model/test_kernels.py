@@ -595,7 +595,7 @@ def test_triton_loss_never_waits_for_the_gpu():
 def _norm_weight_grads(weight_dtype: torch.dtype, in_place: bool) -> tuple[torch.Tensor, int]:
     """The triton add + RMSNorm's weight gradient summed over three backwards, the last two under
     weight_grads_summed_in_place when `in_place`; and how many gradients autograd was handed for the weight."""
-    from model.kernels.concat_linear import weight_grads_summed_in_place
+    from model.kernels.in_place_grads import weight_grads_summed_in_place
 
     generator = torch.Generator().manual_seed(3)
     weight = torch.nn.Parameter((1 + 0.1 * torch.randn(512, generator=generator)).to("cuda", weight_dtype))

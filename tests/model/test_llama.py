@@ -191,7 +191,7 @@ def accumulated_grads(model, micro_batches, summed_in_place: bool) -> tuple[dict
     """The gradients of the micro-batches' losses, summed; with `summed_in_place`, every backward but the last runs
     under weight_grads_summed_in_place, as the loop's micro-batches under no_sync do. Also how many gradient tensors
     autograd was handed to add per parameter (gradient hooks also run, with None, for those summed in place)."""
-    from model.kernels.concat_linear import weight_grads_summed_in_place
+    from model.kernels.in_place_grads import weight_grads_summed_in_place
 
     model.zero_grad(set_to_none=True)
     accumulations = Counter()
@@ -233,7 +233,8 @@ def test_weight_grads_summed_inside_the_gemms_equal_autograds_sums():
 def test_in_place_sums_leave_gradients_to_autograd_where_they_cannot_go_in_place(case):
     """Gradients that do not lie side by side in one buffer (here one replaced by a copy), or of another dtype than
     the GEMM's (a float32 weight under bf16 autocast, plain DDP's way), are summed by autograd as usual."""
-    from model.kernels.concat_linear import concat_linear, grads_side_by_side, weight_grads_summed_in_place
+    from model.kernels.concat_linear import concat_linear, grads_side_by_side
+    from model.kernels.in_place_grads import weight_grads_summed_in_place
 
     torch.manual_seed(0)
     x = torch.randn(4, 8)

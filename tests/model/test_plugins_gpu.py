@@ -26,7 +26,7 @@ from gemini_chunks import counted_item_calls
 
 from model.config import CONFIGS
 from model.kernels import PRESETS, missing_packages, resolve_kernels
-from model.kernels.concat_linear import weight_grads_summed_in_place
+from model.kernels.in_place_grads import weight_grads_summed_in_place
 from model.llama import LlamaForCausalLM
 from training.plugins import defers_grad_sync, model_init_context, place_weights_for_plugin, zero_stage
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.kernels import concat_linear
+from model.kernels import in_place_grads
 from training.loop import Trainer
 from training.plugins import LOW_LEVEL_ZERO_PLUGINS, defers_grad_sync, zero_stage
 
@@ -48,7 +48,7 @@ class FlagReadInBackward:
     def backward(self, loss, optimizer):
         loss.backward()
         self.reduced.append(self.require_grad_sync)
-        self.summed_in_place.append(concat_linear._sum_weight_grads_in_place)
+        self.summed_in_place.append(in_place_grads._sum_weight_grads_in_place)
 
 
 def fake_trainer(booster, defers: bool) -> SimpleNamespace:
@@ -94,5 +94,5 @@ def test_train_step_runs_each_backward_but_the_last_inside_no_sync(defers):
     # one reduction per optimizer step, after the last micro-batch; the others sum their gradients in place
     assert booster.reduced == ([False, False, True] if defers else [True, True, True])
     assert booster.summed_in_place == ([True, True, False] if defers else [False, False, False])
-    assert not concat_linear._sum_weight_grads_in_place  # switched off again after the step
+    assert not in_place_grads._sum_weight_grads_in_place  # switched off again after the step
     assert result.finite and result.loss == pytest.approx((0 + 4 + 8) / 12)
