@@ -1,9 +1,11 @@
 """Throughput of the training step on synthetic tokens: the same step as pretrain.py, without data loading.
 
 Prints one JSON line per run: tokens/s/GPU, MFU, TFLOPS/GPU (also under Colossal-AI's 8N convention), peak GPU
-and host memory, and the GPU's mean SM clock and power draw over the timed steps (rank 0's GPU). `--baseline hf`
-then runs transformers' LlamaForCausalLM (SDPA) through the same plugin, batch and loop in the same process, prints
-its line, and a last line with the suite's speedup over it and the ratio of their peak GPU memory (suite / hf).
+and host memory, the GPU's mean SM clock and power draw over the timed steps and its energy per token (rank 0's
+GPU; millijoules per token it trained). `--baseline hf` then runs transformers' LlamaForCausalLM (SDPA) through the
+same plugin, batch and loop in the same process, prints its line, and a last line with the suite's speedup over it,
+the ratio of their energy per token (hf / suite: at the power limit it sets the speedup) and of their peak GPU
+memory (suite / hf).
 host_mem_gib is the process's peak, which cannot be reset, so the baseline's line leaves it out. `--repeats N`
 measures N times (each line names its `repeat`); with the baseline the pairs alternate which model runs first, since
 a GPU at its power limit slows as it warms up, and the speedup is the ratio of the two models' median tokens/s.
@@ -91,16 +93,19 @@ def measure_model(args, config, rank: int, world_size: int, model_impl: str) -> 
 
 
 def speedup_line(suite_runs: list[dict], hf_runs: list[dict]) -> dict:
-    """The suite's speedup over transformers' model (median tokens/s over median tokens/s), each pair's, and the
-    ratio of their peak GPU memory (the largest of each model's runs)."""
+    """The suite's speedup over transformers' model (median tokens/s over median tokens/s), each pair's, the ratio
+    of their energy per token (hf's median over the suite's) and of their peak GPU memory (the largest of each
+    model's runs)."""
     def median(runs, key):
-        return statistics.median(run[key] for run in runs)
+        values = [run[key] for run in runs if run.get(key) is not None]
+        return statistics.median(values) if values else None
 
     line = {"baseline": "hf", "speedup": _ratio(median(suite_runs, "tokens_per_s_per_gpu"),
                                                 median(hf_runs, "tokens_per_s_per_gpu"))}
     if len(suite_runs) > 1:
         line["speedups"] = [_ratio(suite["tokens_per_s_per_gpu"], hf["tokens_per_s_per_gpu"])
                             for suite, hf in zip(suite_runs, hf_runs)]
+    line["energy_ratio"] = _ratio(median(hf_runs, "energy_mj_per_token"), median(suite_runs, "energy_mj_per_token"))
     peak = [max((run["peak_mem_gib"] for run in runs), default=0.0) for runs in (suite_runs, hf_runs)]
     return {**line, "memory_ratio": _ratio(*peak)}
 
@@ -140,6 +145,8 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
         "host_mem_gib": round(summary["host_mem_gib"], 2),
         # the GPU's mean SM clock and power over the timed steps: at its power limit a GPU slows its clock
         **{key: summary.get(key) for key in CLOCK_FIELDS},
+        # None on a CPU, and on a board without an energy counter
+        "energy_mj_per_token": _rounded(summary.get("energy_mj_per_token"), 3),
     }
 
 
@@ -169,8 +176,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _ratio(suite: float, baseline: float) -> float | None:
-    return round(suite / baseline, 3) if baseline else None  # None: not measured (no GPU memory on a CPU)
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    # None: not measured (no GPU memory or energy counter on a CPU)
+    return round(numerator / denominator, 3) if numerator is not None and denominator else None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return round(value, digits) if value is not None else None
 
 
 if __name__ == "__main__":

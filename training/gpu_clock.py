@@ -5,6 +5,9 @@ Why: an H100 SXM running the 1b step reaches its 700 W power limit and lowers it
 slows with it. GPUs of one kind hold different clocks at their limit, so the same command gives a few percent more
 or less tokens/s on another machine; the clock and power in the benchmark's line say which one ran slower.
 Readings are this process's GPU only (rank 0's in benchmark.py).
+
+At its power limit a GPU's tokens/s is its power over its energy per token, so two models compared on one board
+differ by their energy per token; the board's energy counter, read at the ends of the timed steps, gives it.
 """
 from __future__ import annotations
 
@@ -36,11 +39,14 @@ class GpuClockSampler:
     every SAMPLE_INTERVAL_S.
 
     `read` returns one (sm_clock_mhz, power_w) reading; `limits` are constants of the board reported beside the
-    run's means (its highest SM clock and its power limit)."""
+    run's means (its highest SM clock and its power limit). `energy`, where the board counts it, returns the joules
+    it has used since some fixed point (the driver's start): the caller reads it when it likes (energy_j)."""
 
-    def __init__(self, read: Callable[[], tuple[float, float]], limits: dict, interval_s: float = SAMPLE_INTERVAL_S):
+    def __init__(self, read: Callable[[], tuple[float, float]], limits: dict, interval_s: float = SAMPLE_INTERVAL_S,
+                 energy: Callable[[], float] | None = None):
         self.read = read
         self.limits = limits
+        self.energy = energy
         self.interval_s = interval_s
         self._run, self._window = ReadingMeans(), ReadingMeans()
         self._lock = threading.Lock()  # the sampling thread adds while the training thread takes windows
@@ -68,6 +74,10 @@ class GpuClockSampler:
         self._thread = None
         means = self._run.means()
         return {**means, **self.limits} if means else {}
+
+    def energy_j(self) -> float | None:
+        """The board's energy counter now, in joules; None where it has none."""
+        return self.energy() if self.energy is not None else None
 
     def _sample(self) -> None:
         while True:  # read first: a window shorter than one interval still gets a reading
@@ -101,6 +111,13 @@ def for_current_gpu() -> GpuClockSampler | None:
         milliwatts = pynvml.nvmlDeviceGetPowerUsage(handle)
         return float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)), milliwatts / 1000
 
+    def energy_j() -> float:
+        return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000  # millijoules since the driver loaded
+
+    try:
+        energy_j()
+    except pynvml.NVMLError:  # boards before Volta count no energy
+        energy_j = None
     limits = {"sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
               "power_limit_w": round(pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000, 1)}
-    return GpuClockSampler(read, limits)
+    return GpuClockSampler(read, limits, energy=energy_j)

@@ -386,6 +386,8 @@ class Trainer:
         if "sm_clock_mhz" in summary:
             parts.append(f"SM clock {summary['sm_clock_mhz']:,} of {summary['sm_clock_max_mhz']:,} MHz at "
                          f"{summary['power_w']:.0f} of {summary['power_limit_w']:.0f} W")
+        if "energy_mj_per_token" in summary:
+            parts.append(f"{summary['energy_mj_per_token']:.2f} mJ per token")
         self.print("; ".join(parts))
 
     def print(self, *values) -> None:

@@ -44,7 +44,8 @@ def host_mem_gib() -> float:
 
 class Throughput:
     """Tokens/s per GPU and MFU, timed from the end of the warm-up steps (compilation, allocator growth), and the
-    GPU's mean SM clock and power over the same steps where `clock` samples them (training/gpu_clock.py)."""
+    GPU's mean SM clock and power over the same steps where `clock` samples them (training/gpu_clock.py), with its
+    energy per token where the board counts energy (this GPU's joules over its share of the tokens)."""
 
     def __init__(self, flops_per_token: float, world_size: int, warmup_steps: int = 1,
                  clock: GpuClockSampler | None = None):
@@ -55,6 +56,7 @@ class Throughput:
         self.steps = 0
         self._clock = clock
         self._clock_means: dict = {}
+        self._energy_start = self._energy_end = None  # the board's counter (J) at the timed steps' ends
         self._start = self._window_start = None
         if warmup_steps == 0:
             self._open_window(time.perf_counter())
@@ -65,6 +67,7 @@ class Throughput:
         self._start = self._window_start = now
         if self._clock is not None:
             self._clock.start()
+            self._energy_start = self._clock.energy_j()
 
     def step_done(self, global_tokens: int) -> None:
         """Call after each optimizer step, once its result has been synchronised (loss.item())."""
@@ -76,6 +79,8 @@ class Throughput:
             self._window_tokens += global_tokens
             self.measured_tokens += global_tokens
             self._end = now
+            if self._clock is not None:
+                self._energy_end = self._clock.energy_j()
 
     def rate(self) -> dict:
         """Metrics for the steps since the last call; empty while warming up."""
@@ -98,7 +103,11 @@ class Throughput:
         self.close()
         if not self.measured_tokens:
             return {}
-        return {**self._metrics(self.measured_tokens, self._end - self._start), **self._clock_means}
+        summary = {**self._metrics(self.measured_tokens, self._end - self._start), **self._clock_means}
+        if self._energy_start is not None and self._energy_end is not None:
+            tokens_per_gpu = self.measured_tokens / self.world_size
+            summary["energy_mj_per_token"] = (self._energy_end - self._energy_start) * 1000 / tokens_per_gpu
+        return summary
 
     def _metrics(self, tokens: int, seconds: float) -> dict:
         tokens_per_s_per_gpu = tokens / seconds / self.world_size

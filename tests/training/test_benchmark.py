@@ -56,6 +56,7 @@ def test_profile_writes_a_trace_and_prints_the_top_operators(tmp_path):
     assert "profile of steps 4-6" in result.stdout and "Self CPU time total" in result.stdout
     (line,) = json_lines(result)
     assert {key: line[key] for key in CLOCK_FIELDS} == dict.fromkeys(CLOCK_FIELDS)  # no GPU to read on a CPU
+    assert line["energy_mj_per_token"] is None
     assert (line["kernels"], line["attention"]) == ("torch", "sdpa")  # the default preset's attention
 
 
@@ -78,6 +79,23 @@ def test_baseline_hf_prints_both_runs_and_their_ratios():
     assert ratios["baseline"] == "hf"
     assert ratios["speedup"] == pytest.approx(suite["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"], rel=0.01)
     assert "memory_ratio" in ratios and ratios["memory_ratio"] is None  # no GPU memory to compare on a CPU
+    assert "energy_ratio" in ratios and ratios["energy_ratio"] is None  # nor an energy counter
+
+
+def test_speedup_line_takes_medians_and_puts_energy_per_token_hf_over_suite():
+    from benchmark import speedup_line
+
+    def run(tokens_per_s, energy, peak):
+        return {"tokens_per_s_per_gpu": tokens_per_s, "energy_mj_per_token": energy, "peak_mem_gib": peak}
+
+    suite = [run(80.0, 9.0, 20.0), run(78.0, 9.2, 21.0), run(76.0, 9.4, 20.5)]
+    hf = [run(50.0, 14.0, 30.0), run(49.0, 14.5, 30.0), run(48.0, 15.0, 28.0)]
+    assert speedup_line(suite, hf) == {
+        "baseline": "hf", "speedup": round(78.0 / 49.0, 3), "speedups": [1.6, round(78 / 49, 3), round(76 / 48, 3)],
+        "energy_ratio": round(14.5 / 9.2, 3), "memory_ratio": round(21.0 / 30.0, 3)}
+    # a board without an energy counter: the ratio is not made up
+    no_energy = [dict(line, energy_mj_per_token=None) for line in suite]
+    assert speedup_line(no_energy, hf)["energy_ratio"] is None
 
 
 @pytest.mark.slow
