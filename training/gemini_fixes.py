@@ -12,6 +12,13 @@ chunk it then
    shard and back into a zeroed chunk (`ChunkManager.rearrange_accumulated_grad_chunk`): a clone, a multiplication
    by the number of ranks, a zero fill and an addition, where one multiplication into place gives the same bits.
 
+4. after every backward (`GeminiDDP._post_backward`), logs Gemini's timings with `DistributedLogger.debug`, which
+   builds its message's prefix from `inspect.stack()` before it asks whether DEBUG is enabled (it is not, by
+   default). `inspect.stack()` looks up every frame's module among all those imported and reads its source line: a
+   profile of -p gemini (1b, one H100, micro batch 1 x 128, FlashAttention-4 and transformers imported) put 173 ms of
+   host time in each call, 128 calls in 22.1 of 114 s. At micro batch 4 x 2048 the host then runs behind the GPU:
+   35,729 tokens/s at 455 W, against 78,110 under -p zero2 on another H100 of the same kind.
+
 Without the `.item()` in 1, nothing held the host while colossalai's reduction stream still read memory it had
 already freed, so the backward's stream now waits for that stream after each gradient (`GeminiDDP.grad_handle`).
 
@@ -22,6 +29,9 @@ synchronisation in colossalai's own method; drop the matching patch when that te
 """
 from __future__ import annotations
 
+import logging
+import sys
+
 import torch
 
 from .colossalai_patches import own_attribute, replace_attributes
@@ -31,9 +41,10 @@ _colossalai_grad_handle = None  # GeminiDDP.grad_handle's function, bound once b
 
 
 def apply() -> None:
-    """Install the four replacements on colossalai's GeminiDDP, Chunk and ChunkManager classes (once; later calls
-    do nothing)."""
+    """Install the five replacements on colossalai's GeminiDDP, Chunk, ChunkManager and DistributedLogger classes
+    (once; later calls do nothing)."""
     global _colossalai_grad_handle
+    from colossalai.logging import DistributedLogger
     from colossalai.zero.gemini.chunk import Chunk, ChunkManager
     from colossalai.zero.gemini.gemini_ddp import GeminiDDP
 
@@ -44,6 +55,7 @@ def apply() -> None:
         (Chunk, "set_l2_norm"): set_l2_norm_on_gpu,
         (Chunk, "has_inf_or_nan"): property(has_inf_or_nan_unless_bf16),
         (ChunkManager, "rearrange_accumulated_grad_chunk"): rearrange_accumulated_grad_chunk_in_place,
+        (DistributedLogger, "debug"): debug_only_when_enabled,
     }, ORIGINALS)
     _colossalai_grad_handle = ORIGINALS[GeminiDDP, "grad_handle"].__func__
 
@@ -122,3 +134,14 @@ def rearrange_accumulated_grad_chunk_in_place(manager, chunk):
     full[end:].zero_()
     torch.mul(accumulated, ranks, out=full[begin:end])
     return grad_chunk
+
+
+def debug_only_when_enabled(logger, message: str, ranks: list[int] | None = None) -> None:
+    """DistributedLogger.debug, which does nothing unless its logger is enabled for DEBUG (item 4 of the module's
+    doc). When it is, the same two records as colossalai's: the caller's "file:line function", then the message; the
+    caller is read from its frame, not from inspect.stack(), which also reads the source of every frame."""
+    if not logger._logger.isEnabledFor(logging.DEBUG):
+        return
+    caller = sys._getframe(1)
+    logger._log("debug", f"{caller.f_code.co_filename}:{caller.f_lineno} {caller.f_code.co_name}", ranks)
+    logger._log("debug", message, ranks)

@@ -3,6 +3,7 @@
 The chunks here are colossalai's own Chunk and ChunkManager on the CPU, with one and two gloo ranks; the GPU run
 through the whole plugin is tests/model/test_plugins_gpu.py test_gemini_fixes_keep_the_accumulated_steps.
 """
+import logging
 from unittest import mock
 
 import pytest
@@ -105,8 +106,10 @@ def test_apply_installs_each_replacement_once():
     from colossalai.zero.gemini.chunk import Chunk, ChunkManager
     from colossalai.zero.gemini.gemini_ddp import GeminiDDP
 
+    from colossalai.logging import DistributedLogger
+
     patched = [(GeminiDDP, "grad_handle"), (Chunk, "set_l2_norm"), (Chunk, "has_inf_or_nan"),
-               (ChunkManager, "rearrange_accumulated_grad_chunk")]
+               (ChunkManager, "rearrange_accumulated_grad_chunk"), (DistributedLogger, "debug")]
     saved = {(cls, name): gemini_fixes.colossalais_own(cls, name) for cls, name in patched}
     try:
         with mock.patch.dict(gemini_fixes.ORIGINALS, clear=True), \
@@ -119,6 +122,7 @@ def test_apply_installs_each_replacement_once():
             assert Chunk.set_l2_norm is gemini_fixes.set_l2_norm_on_gpu
             assert Chunk.has_inf_or_nan.fget is gemini_fixes.has_inf_or_nan_unless_bf16
             assert ChunkManager.rearrange_accumulated_grad_chunk is gemini_fixes.rearrange_accumulated_grad_chunk_in_place
+            assert DistributedLogger.debug is gemini_fixes.debug_only_when_enabled
             assert gemini_fixes.ORIGINALS == saved
             assert gemini_fixes._colossalai_grad_handle is saved[GeminiDDP, "grad_handle"].__func__
     finally:
@@ -138,3 +142,40 @@ def test_the_backward_waits_for_the_reduction_stream_after_each_gradient():
         assert gemini_fixes.grad_handle_then_wait_for_its_stream("g", 1, p=2, async_reduce_stream=stream) == "g"
         assert gemini_fixes.grad_handle_then_wait_for_its_stream("h", async_reduce_stream=None) == "h"
     assert calls == [("handle", stream), ("wait", stream), ("handle", None)]
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_debug_logging_costs_nothing_while_debug_is_off_and_names_the_caller_when_on(monkeypatch):
+    """Gemini's backward calls DistributedLogger.debug once per micro-batch; colossalai's builds the message's
+    prefix from inspect.stack() even when DEBUG is off (tests/training/test_colossalai_workarounds.py)."""
+    import colossalai.logging.logger as colossalai_logger
+    from colossalai.logging import get_dist_logger
+
+    stack_calls = []
+    monkeypatch.setattr(colossalai_logger.inspect, "stack", lambda *a: stack_calls.append(a) or [])
+    logger = get_dist_logger("gemini-fixes-test")
+    records = Records()
+    logger._logger.addHandler(records)
+    try:
+        logger.set_level("INFO")
+        gemini_fixes.debug_only_when_enabled(logger, "not logged")
+        assert records.messages == [] and stack_calls == []
+        logger.set_level("DEBUG")
+        gemini_fixes.debug_only_when_enabled(logger, "comp cuda demand time: 0")
+        line = test_debug_logging_costs_nothing_while_debug_is_off_and_names_the_caller_when_on.__code__.co_firstlineno
+        prefix, message = records.messages
+        path, rest = prefix.rsplit(":", 1)
+        assert path == __file__ and rest.endswith(" test_debug_logging_costs_nothing_while_debug_is_off_and_names_"
+                                                  "the_caller_when_on") and int(rest.split()[0]) > line
+        assert message == "comp cuda demand time: 0" and stack_calls == []
+    finally:
+        logger.set_level("INFO")
+        logger._logger.removeHandler(records)
