@@ -29,6 +29,32 @@ def fill_cpu_gaps() -> None:
         dist.is_hccl_available = lambda: False
 
 
+def accelerator_for_low_level_zero():
+    """colossalai's CPU accelerator with what LowLevelZeroOptimizer asks of a GPU one: a GPU's name (its
+    constructor refuses others), streams (none here; the reduction without overlap runs on the current one) and a
+    synchronisation, both nothing on a CPU. Install it in a rank with colossalai.accelerator.set_accelerator."""
+    from contextlib import nullcontext
+
+    from colossalai.accelerator import CpuAccelerator
+
+    class NoStreams(CpuAccelerator):
+        name = "cuda"
+
+        def Stream(self, device=None, priority=0, **kwargs):
+            return None
+
+        def current_stream(self, device=None):
+            return None
+
+        def stream(self, stream_):
+            return nullcontext()
+
+        def synchronize(self, device=None):
+            pass
+
+    return NoStreams()
+
+
 def run_on_ranks(fn, *args, world_size: int = 2, timeout_s: int = 300, backend: str = "gloo") -> None:
     """fn(rank, world_size, *args) in `world_size` processes; a failure on any rank fails the test with its trace.
     backend "nccl" joins GPUs instead (fn picks its device)."""

@@ -30,6 +30,18 @@ def run_script(script: str, *args, check: bool = True, timeout: int = 600) -> su
     return result
 
 
+def saved_weights(save_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights of the checkpoint that `save_dir`'s `latest` names, by parameter name."""
+    from safetensors.torch import load_file
+
+    latest = save_dir / (save_dir / "latest").read_text().strip()
+    state = {}
+    for shard in sorted((latest / "model").glob("*.safetensors")):
+        state.update(load_file(shard))
+    assert state, f"no weights in {latest}"
+    return state
+
+
 def assert_export_gives_suite_logits(checkpoint: Path, out: Path, seq_len: int) -> Path:
     """export_hf.py `checkpoint` to `out` in float32; transformers' LlamaForCausalLM loaded from it gives the logits
     of the suite's model built from the checkpoint's own weights. Returns `out`."""

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from entry_points import ROOT
-from safetensors.torch import load_file
+from entry_points import ROOT, saved_weights
 
 from corpus.sample import build_sample
 
@@ -59,15 +58,6 @@ def logged_losses(tb_dir: Path) -> list[float]:
     return [losses[step] for step in sorted(losses)]
 
 
-def final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    latest = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
-    state = {}
-    for shard in sorted((latest / "model").glob("*.safetensors")):
-        state.update(load_file(shard))
-    assert state, f"no weights in {latest}"
-    return state
-
-
 @pytest.mark.slow
 def test_two_processes_train_together_like_one_with_their_global_batch(sample, tmp_path):
     """2 ranks x batch 2 see the same global batches as 1 rank x batch 4: same losses, same weights."""
@@ -95,8 +85,8 @@ def assert_same_training(run: Path, reference: Path) -> None:
     assert losses[-1] < losses[0]
     # the loss is the mean over the global batch, however it is split: equal up to float rounding
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-4)
-    trained = final_weights(run / "ckpt")
-    for name, weight in final_weights(reference / "ckpt").items():
+    trained = saved_weights(run / "ckpt")
+    for name, weight in saved_weights(reference / "ckpt").items():
         torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=2e-5)
 
 
@@ -114,7 +104,7 @@ def test_resume_is_bit_exact(sample, tmp_path):
     ok(pretrain(sample, tmp_path / "split", "--max_steps", "20", "-i", "10", "--stop_after", "10", nproc=2))
     ok(pretrain(sample, tmp_path / "split", "--max_steps", "20", "-f", "latest", nproc=2))
     assert logged_losses(tmp_path / "split" / "tb") == logged_losses(tmp_path / "straight" / "tb")
-    straight, split = final_weights(tmp_path / "straight" / "ckpt"), final_weights(tmp_path / "split" / "ckpt")
+    straight, split = saved_weights(tmp_path / "straight" / "ckpt"), saved_weights(tmp_path / "split" / "ckpt")
     assert straight.keys() == split.keys()
     for name in straight:
         assert torch.equal(straight[name], split[name]), name

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gloo_ranks import run_on_ranks
+from gloo_ranks import accelerator_for_low_level_zero, run_on_ranks
 from training import zero_fixes
 
 
@@ -65,32 +65,6 @@ def test_unscale_and_clip_gives_colossalais_gradients(clip, total_norm, div_scal
 
 # ---- one rank: the reduction and the step without communication -------------------------------------------------
 
-def _accelerator_without_streams():
-    """colossalai's CPU accelerator with what LowLevelZeroOptimizer asks of a GPU one: a GPU's name (its
-    constructor refuses others), streams (none here; the reduction without overlap runs on the current one) and a
-    synchronisation, both nothing on a CPU."""
-    from contextlib import nullcontext
-
-    from colossalai.accelerator import CpuAccelerator
-
-    class NoStreams(CpuAccelerator):
-        name = "cuda"
-
-        def Stream(self, device=None, priority=0, **kwargs):
-            return None
-
-        def current_stream(self, device=None):
-            return None
-
-        def stream(self, stream_):
-            return nullcontext()
-
-        def synchronize(self, device=None):
-            pass
-
-    return NoStreams()
-
-
 class _WithUnusedLayer(torch.nn.Module):
     """Three layers, one of which never gets a gradient (colossalai steps only the parameters that have one)."""
 
@@ -136,7 +110,7 @@ def _one_rank_matches_colossalai(rank: int, world_size: int, stage: int, clip: f
     from colossalai.accelerator import set_accelerator
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
 
-    set_accelerator(_accelerator_without_streams())
+    set_accelerator(accelerator_for_low_level_zero())
     zero_fixes.apply()
     ours = _train_low_level_zero(stage, clip)
     with mock.patch.object(LowLevelZeroOptimizer, "step", zero_fixes.colossalais_own("step")), \
@@ -166,7 +140,7 @@ def _one_rank_step_ops(rank: int, world_size: int) -> None:
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
     from dispatched_ops import DispatchedOps
 
-    set_accelerator(_accelerator_without_streams())
+    set_accelerator(accelerator_for_low_level_zero())
     zero_fixes.apply()
     counts = {}
     for name, step in (("theirs", zero_fixes.colossalais_own("step")), ("ours", LowLevelZeroOptimizer.step)):
