@@ -1,5 +1,6 @@
-"""Checkpoints that survive crashes: the booster's sharded model and optimizer, the LR schedule, and the
-running state (step, tokens, data-loader position, every rank's RNG) plus the run's full configuration.
+"""Checkpoints that survive crashes: the booster's sharded model and optimizer, the optimizer's float32 master
+weights (which colossalai's own checkpoint rounds to the training dtype), the LR schedule, and the running state
+(step, tokens, data-loader position, every rank's RNG) plus the run's full configuration.
 
 Every rank writes into `save_dir/.incomplete-step-N`; only when all have finished does rank 0 rename it to
 `step-N` and point `latest` at it, so a crash mid-save leaves the previous checkpoint whole. Old step folders
@@ -23,10 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import master_weights
+
 STATE_FILE = "state.json"
 CONFIG_FILE = "run_config.json"
 LATEST_FILE = "latest"
 BEST_FILE = "best"
+MASTER_FOLDER = "master"  # each rank's float32 master weights (training/master_weights.py)
 
 
 class CheckpointManager:
@@ -45,6 +49,7 @@ class CheckpointManager:
         _barrier()
         booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
         booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+        master_weights.save(tmp / MASTER_FOLDER, self.rank, model, optimizer)
         _save_rng(tmp / "rng" / f"rank-{self.rank:05d}.pt")
         if self.rank == 0:
             model_config.save_hf(tmp / "model")  # makes model/ a Hugging Face folder (weights + config.json)
@@ -110,15 +115,18 @@ class CheckpointManager:
             raise SystemExit(f"error: -f {load}: {path} is not a complete checkpoint (no {STATE_FILE})")
         return path
 
-    def load(self, path: Path, booster, model, optimizer, scheduler) -> dict:
+    def load(self, path: Path, booster, model, optimizer, scheduler) -> tuple[dict, str | None]:
+        """Loads everything into the boosted objects; returns the running state, and why the float32 master weights
+        could not be restored exactly (None when they were, or when there are none)."""
         booster.load_model(model, str(path / "model"))
         with _cpu_synchronize_as_no_op():
             booster.load_optimizer(optimizer, str(path / "optimizer"))
+        masters_not_restored = master_weights.restore(path / MASTER_FOLDER, self.rank, model, optimizer)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         rng_file = path / "rng" / f"rank-{self.rank:05d}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than saved: those start fresh
             _load_rng(rng_file)
-        return json.loads((path / STATE_FILE).read_text())
+        return json.loads((path / STATE_FILE).read_text()), masters_not_restored
 
 
 def model_folder(spec: str | os.PathLike) -> Path:

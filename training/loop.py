@@ -159,7 +159,11 @@ class Trainer:
         if path is None:
             self.print(f"-f {load}: no checkpoint in {self.checkpoints.save_dir} yet; starting from scratch")
             return
-        saved = self.checkpoints.load(path, self.booster, self.model, self.optimizer, self.scheduler)
+        saved, masters_not_restored = self.checkpoints.load(path, self.booster, self.model, self.optimizer,
+                                                            self.scheduler)
+        if masters_not_restored:
+            self.print(f"note: the optimizer's float32 master weights start from the checkpoint's rounded weights, so "
+                       f"the run continues close to, not exactly as, the saved one: {masters_not_restored}")
         self.state = RunState(**saved)
         if self.state.data is not None:
             self.loader.load_state_dict(self.state.data)

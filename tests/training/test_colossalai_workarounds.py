@@ -76,3 +76,37 @@ def test_low_level_zero_takes_the_gradient_norm_one_gradient_at_a_time():
     from gloo_ranks import run_on_ranks
 
     run_on_ranks(_count_norm_ops, world_size=1)
+
+
+def _master_weights_after_load(rank: int, world_size: int) -> None:
+    from colossalai.accelerator import set_accelerator
+    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
+    from gloo_ranks import accelerator_for_low_level_zero
+
+    set_accelerator(accelerator_for_low_level_zero())
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    optimizer = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), overlap_communication=False)
+    for _ in range(3):
+        optimizer.backward(model(torch.randn(4, 16, dtype=torch.bfloat16)).float().square().mean())
+        optimizer.step()
+        optimizer.zero_grad()
+    master = optimizer.working_to_master_param[id(model.weight)]
+    trained = master.clone()
+    optimizer.update_master_params(model)  # what LowLevelZeroCheckpointIO calls after loading the model's weights
+    assert torch.equal(master, model.weight.detach().float().flatten())  # the bf16 weights, widened
+    assert not torch.equal(master, trained)  # the trained low bits are gone
+
+
+def test_low_level_zero_rebuilds_master_weights_from_the_rounded_weights_on_load():
+    """Why training/master_weights.py saves the float32 master weights beside each checkpoint: colossalai's checkpoint
+    holds the bf16 model weights, and loading it sets every master weight to its bf16 weight, so a resumed run no
+    longer steps the weights it stopped with (Gemini loses them in the same way, on the GPU in
+    tests/training/test_resume_gpu.py)."""
+    import inspect
+
+    from colossalai.booster.plugin.low_level_zero_plugin import LowLevelZeroCheckpointIO
+    from gloo_ranks import run_on_ranks
+
+    assert "update_master_params" in inspect.getsource(LowLevelZeroCheckpointIO.load_sharded_model)
+    run_on_ranks(_master_weights_after_load, world_size=1)
