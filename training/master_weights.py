@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SHARD_BYTES = 2 << 30  # a rank's master weights go to files of about 2 GiB, so saving copies no more to the host
+SHARD_BYTES = 2 << 30  # files of about 2 GiB: saving holds no more than that of them on the host at a time
 
 
 def master_weights(model, optimizer) -> dict[str, torch.Tensor]:

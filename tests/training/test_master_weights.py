@@ -89,19 +89,15 @@ def test_a_checkpoint_without_master_weights_says_so(tmp_path):
 
 
 def _one_rank_only(rank: int, world_size: int, folder: str) -> None:
-    """Rank 1's file is gone: rank 0 could restore its own, but must not alone."""
+    """Rank 1 looks in a folder without its file: rank 0 could restore its own, but must not alone."""
     model, optimizer = _trained_low_level_zero(world_size)
-    master_weights.save(Path(folder), rank, model, optimizer)
-    torch.distributed.barrier()
-    if rank == 1:
-        for path in Path(folder).glob("rank-00001-*"):
-            path.unlink()
-    torch.distributed.barrier()
+    master_weights.save(Path(folder) / "saved", rank, model, optimizer)
     optimizer.update_master_params(model)
     rebuilt = _masters(model, optimizer)
-    reason = master_weights.restore(Path(folder), rank, model, optimizer)
+    looked_in = Path(folder) / ("saved" if rank == 0 else "elsewhere")
+    reason = master_weights.restore(looked_in, rank, model, optimizer)
     assert reason == ("another rank's master weights were saved in another layout" if rank == 0
-                      else f"the checkpoint has no float32 master weights for rank 1 ({folder})"), reason
+                      else f"the checkpoint has no float32 master weights for rank 1 ({looked_in})"), reason
     _assert_equal(_masters(model, optimizer), rebuilt)
 
 
