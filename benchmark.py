@@ -146,7 +146,8 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
         # the GPU's mean SM clock and power over the timed steps: at its power limit a GPU slows its clock
         **{key: summary.get(key) for key in CLOCK_FIELDS},
         # None on a CPU, and on a board without an energy counter
-        "energy_mj_per_token": _rounded(summary.get("energy_mj_per_token"), 3),
+        "energy_mj_per_token": (round(summary["energy_mj_per_token"], 3) if "energy_mj_per_token" in summary
+                                else None),
     }
 
 
@@ -179,10 +180,6 @@ def _at_least_one(text: str) -> int:
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     # None: not measured (no GPU memory or energy counter on a CPU)
     return round(numerator / denominator, 3) if numerator is not None and denominator else None
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return round(value, digits) if value is not None else None
 
 
 if __name__ == "__main__":

@@ -79,22 +79,14 @@ def test_low_level_zero_takes_the_gradient_norm_one_gradient_at_a_time():
 
 
 def _master_weights_after_load(rank: int, world_size: int) -> None:
-    from colossalai.accelerator import set_accelerator
-    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
-    from gloo_ranks import accelerator_for_low_level_zero
+    from gloo_ranks import trained_low_level_zero
 
-    set_accelerator(accelerator_for_low_level_zero())
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16).to(torch.bfloat16)
-    optimizer = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), overlap_communication=False)
-    for _ in range(3):
-        optimizer.backward(model(torch.randn(4, 16, dtype=torch.bfloat16)).float().square().mean())
-        optimizer.step()
-        optimizer.zero_grad()
-    master = optimizer.working_to_master_param[id(model.weight)]
+    model, optimizer = trained_low_level_zero(world_size)
+    weight = model[0].weight
+    master = optimizer.working_to_master_param[id(weight)]
     trained = master.clone()
     optimizer.update_master_params(model)  # what LowLevelZeroCheckpointIO calls after loading the model's weights
-    assert torch.equal(master, model.weight.detach().float().flatten())  # the bf16 weights, widened
+    assert torch.equal(master, weight.detach().float().flatten())  # the bf16 weights, widened
     assert not torch.equal(master, trained)  # the trained low bits are gone
 
 

@@ -7,26 +7,8 @@ from unittest import mock
 import pytest
 import torch
 
-from gloo_ranks import accelerator_for_low_level_zero, run_on_ranks
+from gloo_ranks import run_on_ranks, trained_low_level_zero
 from training import master_weights
-
-
-def _trained_low_level_zero(world_size: int, steps: int = 3, dtype=torch.bfloat16):
-    """A model of `dtype` trained a few steps by LowLevelZeroOptimizer (stage 2 on several ranks: each holds a
-    shard of every master weight)."""
-    from colossalai.accelerator import set_accelerator
-    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
-
-    set_accelerator(accelerator_for_low_level_zero())
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.SiLU(), torch.nn.Linear(20, 6)).to(dtype)
-    optimizer = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), reduce_bucket_size=100,
-                                      partition_grad=world_size > 1, overlap_communication=False)
-    for _ in range(steps):
-        optimizer.backward(model(torch.randn(5, 12, dtype=dtype)).float().square().mean())
-        optimizer.step()
-        optimizer.zero_grad()
-    return model, optimizer
 
 
 def _masters(model, optimizer) -> dict[str, torch.Tensor]:
@@ -40,7 +22,7 @@ def _assert_equal(actual: dict, expected: dict) -> None:
 
 
 def _saved_and_restored(rank: int, world_size: int, folder: str, shard_bytes: int) -> None:
-    model, optimizer = _trained_low_level_zero(world_size)
+    model, optimizer = trained_low_level_zero(world_size)
     before, weights = _masters(model, optimizer), [p.detach().clone() for p in model.parameters()]
     with mock.patch.object(master_weights, "SHARD_BYTES", shard_bytes):
         master_weights.save(Path(folder), rank, model, optimizer)
@@ -63,12 +45,12 @@ def test_master_weights_come_back_bit_for_bit(tmp_path, world_size, shard_bytes)
 
 
 def _save_only(rank: int, world_size: int, folder: str) -> None:
-    model, optimizer = _trained_low_level_zero(world_size)
+    model, optimizer = trained_low_level_zero(world_size)
     master_weights.save(Path(folder), rank, model, optimizer)
 
 
 def _restore_elsewhere(rank: int, world_size: int, folder: str, reasons: list[str]) -> None:
-    model, optimizer = _trained_low_level_zero(world_size)
+    model, optimizer = trained_low_level_zero(world_size)
     optimizer.update_master_params(model)
     rebuilt = _masters(model, optimizer)
     reason = master_weights.restore(Path(folder), rank, model, optimizer)
@@ -90,7 +72,7 @@ def test_a_checkpoint_without_master_weights_says_so(tmp_path):
 
 def _one_rank_only(rank: int, world_size: int, folder: str) -> None:
     """Rank 1 looks in a folder without its file: rank 0 could restore its own, but must not alone."""
-    model, optimizer = _trained_low_level_zero(world_size)
+    model, optimizer = trained_low_level_zero(world_size)
     master_weights.save(Path(folder) / "saved", rank, model, optimizer)
     optimizer.update_master_params(model)
     rebuilt = _masters(model, optimizer)
@@ -106,7 +88,7 @@ def test_every_rank_restores_or_none_does(tmp_path):
 
 
 def _float32_training(rank: int, world_size: int, folder: str) -> None:
-    model, optimizer = _trained_low_level_zero(world_size, dtype=torch.float32)
+    model, optimizer = trained_low_level_zero(world_size, dtype=torch.float32)
     assert master_weights.master_weights(model, optimizer) == {}  # the checkpoint's own weights are exact
     master_weights.save(Path(folder), rank, model, optimizer)
     assert master_weights.restore(Path(folder), rank, model, optimizer) is None
