@@ -132,6 +132,7 @@ def measure(args, config, rank: int, world_size: int, *, model_impl: str, kernel
         # which attention ran: `--kernels auto` takes flash_attn4 where flash-attn-4 is installed, else sdpa_cudnn;
         # the HF baseline's `kernels` name its attention, SDPA
         "attention": trainer.kernels.backend("attention") if model_impl == "suite" else kernels,
+        "cuda_graphs": model_impl == "suite" and args.cuda_graphs,  # the layers replayed (model/cuda_graphs.py)
         "precision": args.mixed_precision, "gpus": world_size,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch": args.batch_size, "seq_len": args.max_length, "grad_accum": trainer.accum,

@@ -146,6 +146,7 @@ class LlamaForCausalLM(nn.Module):
         self.document_causal = document_causal
         self.grad_checkpoint = grad_checkpoint
         self.pipeline_stage = None  # set by model/policy.py when this process runs one stage of a pipeline
+        self.layer_graphs = None  # set by use_cuda_graphs
         self.model = LlamaModel(config, self.kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -159,6 +160,20 @@ class LlamaForCausalLM(nn.Module):
         with the torch kernels the norms, rotary and SwiGLU). In place, so parameter names, and with them
         checkpoints, stay those of Hugging Face; compilation itself happens at the first forward."""
         compile_each(self.model.layers)
+
+    def use_cuda_graphs(self) -> None:
+        """Replay the decoder layers' forward and backward as CUDA graphs where a forward allows it (cuda_graphs.py):
+        captured at the first training forward, for plain causal rows without recomputation."""
+        from .cuda_graphs import LayerGraphs
+
+        self.layer_graphs = LayerGraphs(self.model.layers, self._all_layers)
+
+    def _all_layers(self, x, cos, sin):
+        """Every decoder layer on plain causal rows, as hidden_states runs them: what cuda_graphs.py captures."""
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(x, cos, sin, None, residual)
+        return x, residual
 
     def fused_weight_groups(self) -> list[list[nn.Parameter]]:
         """The weights that one GEMM reads together (kernels/concat_linear.py): each layer's q/k/v, and its gate/up,
@@ -211,11 +226,15 @@ class LlamaForCausalLM(nn.Module):
         residual = None  # the stream is x + residual (DecoderLayer.forward)
         layers = self.model.layers if stage is None else self.model.layers[stage.layers()]
         recomputed = recomputed_layers(self.grad_checkpoint, len(layers)) if self.training else 0
-        for index, layer in enumerate(layers):
-            if index < recomputed:  # which ones does not change the peak, all being held when the backward starts
-                x, residual = checkpoint(layer, x, cos, sin, doc_ids, residual, use_reentrant=False)
-            else:
-                x, residual = layer(x, cos, sin, doc_ids, residual)
+        graphs = self.layer_graphs
+        if graphs is not None and stage is None and doc_ids is None and not recomputed and graphs.applies(x):
+            x, residual = graphs(x, cos, sin)  # the same layers, replayed (cuda_graphs.py)
+        else:
+            for index, layer in enumerate(layers):
+                if index < recomputed:  # which ones does not change the peak, all being held when the backward starts
+                    x, residual = checkpoint(layer, x, cos, sin, doc_ids, residual, use_reentrant=False)
+                else:
+                    x, residual = layer(x, cos, sin, doc_ids, residual)
         if stage is not None and not stage.is_last():
             return x if residual is None else x + residual  # one tensor to the next stage
         return self.model.norm(x) if residual is None else self.model.norm.add_and_norm(x, residual)[0]

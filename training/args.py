@@ -60,6 +60,10 @@ def add_model_flags(parser: argparse.ArgumentParser, default_config: str | None)
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each decoder layer (not with gemini; the first "
                             "steps pay the compilation)")
+    group.add_argument("--cuda_graphs", action="store_true",
+                       help="replay the decoder layers' forward and backward as CUDA graphs, captured at the first "
+                            "step: far less host work per micro-batch, for small micro batches (zero1, zero2, "
+                            "zero2_cpu on a GPU, --attention_scope sequence, no -g)")
 
 
 def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +220,34 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+GRAPHED_PLUGINS = ("zero1", "zero2", "zero2_cpu")  # colossalai's LowLevelZero: the weights stay where they are
+WHY_NOT_GRAPHED = {
+    "gemini": "moves the weights in and out of its chunks", "gemini_auto": "moves the weights in and out of its chunks",
+    "hybrid_parallel": "splits the layers over tensor-parallel ranks and pipeline stages",
+    # Under torch's DDP the backward's capture was invalidated at its end (H100, torch 2.11, colossalai's
+    # TorchDDPPlugin: cudaErrorStreamCaptureInvalidated), where zero2 captured the same layers. DDP builds the
+    # weights' gradient accumulators when it is constructed, on the default stream, and autograd ends a backward
+    # that reaches them by making the capturing stream wait on that one.
+    "ddp": "holds the weights' gradient accumulators on the default stream, where a captured backward cannot wait",
+}
+
+
+def _check_cuda_graphs(args: argparse.Namespace, fail) -> None:
+    """--cuda_graphs replays the layers with the weights where they were captured (model/cuda_graphs.py)."""
+    if not torch.cuda.is_available():
+        fail("--cuda_graphs needs a CUDA GPU")
+    if args.plugin not in GRAPHED_PLUGINS:
+        fail(f"--cuda_graphs does not work with -p {args.plugin}, which {WHY_NOT_GRAPHED[args.plugin]}: use -p zero2, "
+             f"zero1 or zero2_cpu")
+    if getattr(args, "attention_scope", "sequence") == "document":
+        fail("--cuda_graphs replays plain causal rows only (packed documents need per-batch offsets computed on the "
+             "host): add --attention_scope sequence")
+    if args.grad_checkpoint is not False and args.grad_checkpoint != 0:
+        fail("--cuda_graphs replays the layers without recomputation: leave out -g")
+    if args.compile:
+        fail("--cuda_graphs and --compile are two ways to cut the host's work: choose one")
+
+
 def _check_gemini_fractions(args: argparse.Namespace, fail) -> None:
     for flag in ("offload_optim_frac", "offload_param_frac"):
         value = getattr(args, flag)
@@ -255,6 +287,8 @@ def validate(args: argparse.Namespace) -> None:
         # Dynamo cannot trace Gemini's parameters (colossalai 0.5.0, torch 2.11: InternalTorchDynamoError on their
         # views), so the compiled layers would fail at the first step
         fail(f"--compile does not work with -p {args.plugin}: use -p zero2, zero2_cpu, ddp or hybrid_parallel")
+    if getattr(args, "cuda_graphs", False):
+        _check_cuda_graphs(args, fail)
     if args.plugin != "ddp" and not torch.cuda.is_available():
         fail(f"-p {args.plugin} needs a CUDA GPU; on a CPU use -p ddp")
     if args.plugin == "ddp" and args.mixed_precision == "fp16":

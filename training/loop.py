@@ -153,6 +153,9 @@ class Trainer:
         if initial_weights is not None:
             load_weights(self.booster, self.model, initial_weights, args.plugin, boosted=True)
         self.autocast = _autocast(args, self.device)
+        unwrapped = self.model.unwrap()
+        if getattr(args, "cuda_graphs", False) and hasattr(unwrapped, "use_cuda_graphs"):  # not --baseline hf's
+            unwrapped.use_cuda_graphs()
 
     def resume(self, load: str) -> None:
         path = self.checkpoints.resolve(load)
