@@ -89,8 +89,7 @@ class LayerGraphs:
             first = self.params[0]
             self.grad_sums_flat = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype,
                                               device=first.device)
-            self.grad_sums = tuple(part.view_as(p) for part, p in
-                                   zip(self.grad_sums_flat.split([p.numel() for p in self.params]), self.params))
+            self.grad_sums = self._shaped_as_weights(self.grad_sums_flat)
         inputs = (x.detach().clone().requires_grad_(x.requires_grad), cos.detach().clone(), sin.detach().clone())
         with _autocast_without_cache():
             self._warm_up(inputs)
@@ -149,8 +148,13 @@ class LayerGraphs:
         weight, as the first micro-batch's q, k and v gradients are in the eager model), the sums cleared."""
         if summing_weight_grads_in_place():
             return (None,) * len(self.params)
-        flat = self.grad_sums_flat.clone()
+        handed_over = self._shaped_as_weights(self.grad_sums_flat.clone())
         self.grad_sums_flat.zero_()
+        return handed_over
+
+    def _shaped_as_weights(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of one buffer, in parameter order, shaped as the weights: q, k and v's lie side by side, as the
+        GEMM that sums them in place needs (kernels/concat_linear.py)."""
         return tuple(part.view_as(p) for part, p in zip(flat.split([p.numel() for p in self.params]), self.params))
 
 
