@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .kernels.in_place_grads import summing_weight_grads_in_place, weight_grads_summed_in_place
 
-# run(x, cos, sin) -> (x, residual): the decoder layers one after another, as LlamaForCausalLM.hidden_states runs them
+# run(x, cos, sin) -> (x, residual): the decoder layers one after another (model/llama.py run_layers)
 RunLayers = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 WARMUP_PASSES = 2  # eager passes before capturing: Triton's autotuning and attention's compilation happen in them
 

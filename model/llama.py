@@ -112,6 +112,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(normed), residual
 
 
+def run_layers(layers, x, cos, sin, doc_ids=None, recomputed: int = 0):
+    """The decoder layers one after another: returns (x, residual), the stream being their sum, residual None when
+    there are no layers (DecoderLayer.forward). The first `recomputed` layers keep only their inputs for the backward
+    (which ones does not change the peak, all being held when the backward starts)."""
+    residual = None
+    for index, layer in enumerate(layers):
+        if index < recomputed:
+            x, residual = checkpoint(layer, x, cos, sin, doc_ids, residual, use_reentrant=False)
+        else:
+            x, residual = layer(x, cos, sin, doc_ids, residual)
+    return x, residual
+
+
 def compile_each(layers: nn.ModuleList) -> None:
     """torch.compile every layer in place, for fixed shapes (a training run's shapes do not change)."""
     for layer in layers:
@@ -166,14 +179,8 @@ class LlamaForCausalLM(nn.Module):
         captured at the first training forward, for plain causal rows without recomputation."""
         from .cuda_graphs import LayerGraphs
 
-        self.layer_graphs = LayerGraphs(self.model.layers, self._all_layers)
-
-    def _all_layers(self, x, cos, sin):
-        """Every decoder layer on plain causal rows, as hidden_states runs them: what cuda_graphs.py captures."""
-        residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, cos, sin, None, residual)
-        return x, residual
+        self.layer_graphs = LayerGraphs(self.model.layers,
+                                        lambda x, cos, sin: run_layers(self.model.layers, x, cos, sin))
 
     def fused_weight_groups(self) -> list[list[nn.Parameter]]:
         """The weights that one GEMM reads together (kernels/concat_linear.py): each layer's q/k/v, and its gate/up,
@@ -223,18 +230,13 @@ class LlamaForCausalLM(nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids) if stage is None or stage.is_first() else inputs  # (B, T, d)
-        residual = None  # the stream is x + residual (DecoderLayer.forward)
         layers = self.model.layers if stage is None else self.model.layers[stage.layers()]
         recomputed = recomputed_layers(self.grad_checkpoint, len(layers)) if self.training else 0
         graphs = self.layer_graphs
         if graphs is not None and stage is None and doc_ids is None and not recomputed and graphs.applies(x):
-            x, residual = graphs(x, cos, sin)  # the same layers, replayed (cuda_graphs.py)
+            x, residual = graphs(x, cos, sin)  # run_layers over every layer, replayed (cuda_graphs.py)
         else:
-            for index, layer in enumerate(layers):
-                if index < recomputed:  # which ones does not change the peak, all being held when the backward starts
-                    x, residual = checkpoint(layer, x, cos, sin, doc_ids, residual, use_reentrant=False)
-                else:
-                    x, residual = layer(x, cos, sin, doc_ids, residual)
+            x, residual = run_layers(layers, x, cos, sin, doc_ids, recomputed)
         if stage is not None and not stage.is_last():
             return x if residual is None else x + residual  # one tensor to the next stage
         return self.model.norm(x) if residual is None else self.model.norm.add_and_norm(x, residual)[0]

@@ -74,15 +74,24 @@ def _batches(seed: int, batch: int = BATCH):
             for _ in range(MICRO_BATCHES)]
 
 
-def _step(model, batches, lr: float = 0.05) -> list[float]:
-    """One optimizer step as training/loop.py runs it (in-place sums for every micro-batch but the last), then plain
-    SGD written into the weights in place, as the plugins write theirs. Returns the micro-batches' losses."""
+def _accumulate(model, batches) -> list[float]:
+    """Forward and backward of each micro-batch as training/loop.py runs them (in-place sums for every micro-batch
+    but the last; float32 weights under autocast, as -p ddp -x bf16). Returns their losses."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.lm_head.weight.dtype == torch.float32)
     losses = []
     for index, (ids, labels) in enumerate(batches):
-        loss = model(ids, labels=labels)
+        with autocast:
+            loss = model(ids, labels=labels)
         with weight_grads_summed_in_place(index < len(batches) - 1):
             loss.backward()
         losses.append(loss.item())
+    return losses
+
+
+def _step(model, batches, lr: float = 0.05) -> list[float]:
+    """One optimizer step: _accumulate, then plain SGD written into the weights in place, as the plugins write
+    theirs. Returns the micro-batches' losses."""
+    losses = _accumulate(model, batches)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(p.grad, alpha=-lr)
@@ -91,13 +100,7 @@ def _step(model, batches, lr: float = 0.05) -> list[float]:
 
 
 def _gradients(model, batches) -> dict[str, torch.Tensor]:
-    # float32 weights train under autocast, as -p ddp -x bf16 does (training/loop.py)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.lm_head.weight.dtype == torch.float32)
-    for index, (ids, labels) in enumerate(batches):
-        with autocast:
-            loss = model(ids, labels=labels)
-        with weight_grads_summed_in_place(index < len(batches) - 1):
-            loss.backward()
+    _accumulate(model, batches)
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     return grads
